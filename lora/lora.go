@@ -1,0 +1,313 @@
+// Package lora implements LoRA (Hu et al. 2021): each selected linear layer computes
+//
+//	y = x·W + s·(dropout(x)·A)·B,   s = Alpha/Rank (or Alpha/√Rank with rsLoRA)
+//
+// with W frozen and only A [in, r] and B [r, out] trained. B starts at zero, so a fresh model
+// computes exactly what the base model computes; Merge folds s·A·B into W for zero inference cost.
+//
+// Storage: A and B live beside the layer's weights, in the scope <layer>/lora, in GoMLX's
+// [in, out] layout: A here is the transpose of Hugging Face PEFT's lora_A.weight [r, in] and B the
+// transpose of lora_B.weight [out, r]. The math is the same.
+package lora
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/gomlx/gomlx/pkg/core/graph"
+	"github.com/gomlx/gomlx/pkg/core/tensors"
+	"github.com/gomlx/gomlx/pkg/ml/context"
+	"github.com/gomlx/gomlx/pkg/ml/layers"
+
+	"peft/peft"
+)
+
+// Init names for Config.InitA.
+const (
+	// InitKaiming draws A from U(−1/√in, 1/√in): PyTorch's kaiming_uniform(a=√5), Hugging Face's
+	// default.
+	InitKaiming = "kaiming"
+	// InitGaussian draws A from N(0, (1/r)²), Hugging Face's "gaussian" option.
+	InitGaussian = "gaussian"
+)
+
+// Config configures LoRA. Start from DefaultConfig.
+type Config struct {
+	// Rank r of the update. Default 8. Must be > 0.
+	Rank int `json:"r"`
+	// Alpha scales the update by Alpha/Rank. Default 8 (= Rank). Must be > 0.
+	Alpha float64 `json:"lora_alpha"`
+	// Dropout applied to the input of the LoRA path while training, in [0, 1). Default 0.
+	Dropout float64 `json:"lora_dropout"`
+	// TargetModules selects the layers to adapt (Hugging Face semantics, see peft.Targets).
+	// Default: q_proj and v_proj, Hugging Face's default for Llama models.
+	TargetModules peft.Targets `json:"target_modules"`
+	// RankPattern overrides Rank for layers whose path ends with a match of the key (a regular
+	// expression), like Hugging Face's rank_pattern.
+	RankPattern map[string]int `json:"rank_pattern,omitempty"`
+	// AlphaPattern overrides Alpha the same way.
+	AlphaPattern map[string]float64 `json:"alpha_pattern,omitempty"`
+	// UseRSLoRA scales by Alpha/√Rank (rank-stabilized LoRA) instead of Alpha/Rank.
+	UseRSLoRA bool `json:"use_rslora"`
+	// InitA is how A starts: InitKaiming (default) or InitGaussian. B always starts at zero.
+	InitA string `json:"init_lora_weights"`
+	// ModulesToSave lists modules of the base model trained and saved in full besides the
+	// adapters, such as a new classifier head ("score"). Default none.
+	ModulesToSave []string `json:"modules_to_save,omitempty"`
+	// Seed of A's random initialization. Default 0.
+	Seed uint64 `json:"seed"`
+}
+
+// DefaultConfig returns rank 8, alpha 8, no dropout, targets q_proj and v_proj, Kaiming init.
+func DefaultConfig() Config {
+	return Config{Rank: 8, Alpha: 8, TargetModules: peft.TargetNames("q_proj", "v_proj"), InitA: InitKaiming}
+}
+
+// Validate checks the configuration, naming the first field that is wrong.
+func (c Config) Validate() error {
+	if c.Rank <= 0 {
+		return fmt.Errorf("lora: rank must be > 0, got %d", c.Rank)
+	}
+	if !(c.Alpha > 0) {
+		return fmt.Errorf("lora: alpha must be > 0, got %g", c.Alpha)
+	}
+	if !(c.Dropout >= 0 && c.Dropout < 1) {
+		return fmt.Errorf("lora: dropout must be in [0, 1), got %g", c.Dropout)
+	}
+	if c.InitA != InitKaiming && c.InitA != InitGaussian {
+		return fmt.Errorf("lora: unknown init %q for A (want %q or %q)", c.InitA, InitKaiming, InitGaussian)
+	}
+	if err := c.TargetModules.Validate(); err != nil {
+		return fmt.Errorf("lora: %w", err)
+	}
+	for key, r := range c.RankPattern {
+		if r <= 0 {
+			return fmt.Errorf("lora: rank_pattern %q: rank must be > 0, got %d", key, r)
+		}
+	}
+	for key, a := range c.AlphaPattern {
+		if !(a > 0) {
+			return fmt.Errorf("lora: alpha_pattern %q: alpha must be > 0, got %g", key, a)
+		}
+	}
+	if err := peft.ValidatePatterns("lora: rank_pattern", c.RankPattern); err != nil {
+		return err
+	}
+	return peft.ValidatePatterns("lora: alpha_pattern", c.AlphaPattern)
+}
+
+// LoRA is the LoRA method. It implements peft.Method, peft.LinearHook and peft.Merger.
+type LoRA struct {
+	cfg     Config
+	targets map[string]*target // by layer path
+	order   []*target          // model order
+	modules []*context.Variable // ModulesToSave's variables
+	merged  bool
+}
+
+// target is one adapted layer.
+type target struct {
+	layer    *peft.LinearLayer
+	rank     int
+	scale    float64
+	a, b     *context.Variable
+	original *tensors.Tensor // the base weights while merged, to unmerge exactly
+}
+
+// New returns LoRA with cfg, or an error naming what is wrong with it.
+func New(cfg Config) (*LoRA, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &LoRA{cfg: cfg}, nil
+}
+
+// Name implements peft.Method.
+func (l *LoRA) Name() string { return "lora" }
+
+// Config implements peft.Method.
+func (l *LoRA) Config() any { return l.cfg }
+
+// Init implements peft.Method: it selects the target layers and creates A and B for each.
+func (l *LoRA) Init(ctx *context.Context, layout *peft.Layout) error {
+	selected, err := l.cfg.TargetModules.Select(layout)
+	if err != nil {
+		return err
+	}
+	if l.modules, err = peft.ModulesToSave(layout, l.cfg.ModulesToSave); err != nil {
+		return fmt.Errorf("lora: %w", err)
+	}
+	rng := peft.NewRand(l.cfg.Seed)
+	l.targets = map[string]*target{}
+	l.order = nil
+	for _, layer := range selected {
+		rank := l.cfg.Rank
+		if r, found := peft.PatternValue(l.cfg.RankPattern, layer.Path); found {
+			rank = r
+		}
+		alpha := l.cfg.Alpha
+		if a, found := peft.PatternValue(l.cfg.AlphaPattern, layer.Path); found {
+			alpha = a
+		}
+		scale := alpha / float64(rank)
+		if l.cfg.UseRSLoRA {
+			scale = alpha / math.Sqrt(float64(rank))
+		}
+		var aValues []float32
+		if l.cfg.InitA == InitGaussian {
+			aValues = peft.Normal(rng, layer.In*rank, 1/float64(rank))
+		} else {
+			aValues = peft.Uniform(rng, layer.In*rank, 1/math.Sqrt(float64(layer.In)))
+		}
+		scope := ctx.InAbsPath(layer.Scope).In("lora")
+		t := &target{
+			layer: layer, rank: rank, scale: scale,
+			a: peft.NewVariable(scope, "A", aValues, layer.In, rank),
+			b: peft.NewVariable(scope, "B", make([]float32, rank*layer.Out), rank, layer.Out),
+		}
+		l.targets[layer.Path] = t
+		l.order = append(l.order, t)
+	}
+	return nil
+}
+
+// Targets lists the paths of the adapted layers, in model order.
+func (l *LoRA) Targets() []string {
+	paths := make([]string, len(l.order))
+	for i, t := range l.order {
+		paths[i] = t.layer.Path
+	}
+	return paths
+}
+
+// Rank returns the rank used for the layer at path (after rank_pattern), or 0 if it is not adapted.
+func (l *LoRA) Rank(path string) int {
+	if t := l.targets[path]; t != nil {
+		return t.rank
+	}
+	return 0
+}
+
+// Trainable implements peft.Method: A and B of every target, and the modules to save.
+func (l *LoRA) Trainable(*context.Context) []peft.TrainableVariable {
+	vars := make([]peft.TrainableVariable, 0, 2*len(l.order)+len(l.modules))
+	for _, t := range l.order {
+		vars = append(vars, peft.TrainableVariable{Variable: t.a, LRScale: 1}, peft.TrainableVariable{Variable: t.b, LRScale: 1})
+	}
+	for _, v := range l.modules {
+		vars = append(vars, peft.TrainableVariable{Variable: v, LRScale: 1})
+	}
+	return vars
+}
+
+// State implements peft.Method: what Trainable lists.
+func (l *LoRA) State(ctx *context.Context) []*context.Variable {
+	vars := make([]*context.Variable, 0, 2*len(l.order))
+	for _, tv := range l.Trainable(ctx) {
+		vars = append(vars, tv.Variable)
+	}
+	return vars
+}
+
+// Linear implements peft.LinearHook: base output plus s·(dropout(x)·A)·B on target layers.
+func (l *LoRA) Linear(ctx *context.Context, layer *peft.LinearLayer, x *graph.Node) *graph.Node {
+	y := layer.Base(ctx, x)
+	t := l.targets[layer.Path]
+	if t == nil || l.merged {
+		return y
+	}
+	g := x.Graph()
+	in := layers.DropoutStatic(ctx.In("lora"), x, l.cfg.Dropout)
+	update := peft.MatMulLast(peft.MatMulLast(in, t.a.ValueGraph(g)), t.b.ValueGraph(g))
+	return graph.Add(y, graph.MulScalar(update, t.scale))
+}
+
+// Merge implements peft.Merger: W ← W + s·A·B for every target. The base weights are kept aside
+// so that Unmerge restores them bit for bit (subtracting again would not, in floating point).
+func (l *LoRA) Merge(ctx *context.Context) error {
+	if l.merged {
+		return fmt.Errorf("lora: already merged")
+	}
+	for _, t := range l.order {
+		w := t.layer.Weights(ctx)
+		original, err := w.Value()
+		if err != nil {
+			return err
+		}
+		base, err := peft.Float32s(w)
+		if err != nil {
+			return err
+		}
+		delta, err := l.delta(t)
+		if err != nil {
+			return err
+		}
+		for i := range base {
+			base[i] += delta[i]
+		}
+		if t.original, err = original.Clone(); err != nil {
+			return err
+		}
+		if err := peft.SetFloat32s(w, base); err != nil {
+			return err
+		}
+	}
+	l.merged = true
+	return nil
+}
+
+// delta returns s·A·B, [in, out] row-major.
+func (l *LoRA) delta(t *target) ([]float32, error) {
+	a, err := peft.Float32s(t.a)
+	if err != nil {
+		return nil, err
+	}
+	b, err := peft.Float32s(t.b)
+	if err != nil {
+		return nil, err
+	}
+	in, out, r := t.layer.In, t.layer.Out, t.rank
+	delta := make([]float32, in*out)
+	row := make([]float64, out)
+	for i := range in {
+		clear(row)
+		for k := range r {
+			aik := float64(a[i*r+k])
+			for j, bkj := range b[k*out : (k+1)*out] {
+				row[j] += aik * float64(bkj)
+			}
+		}
+		for j := range out {
+			delta[i*out+j] = float32(t.scale * row[j])
+		}
+	}
+	return delta, nil
+}
+
+// Unmerge implements peft.Merger: it restores the base weights exactly as they were.
+func (l *LoRA) Unmerge(ctx *context.Context) error {
+	if !l.merged {
+		return fmt.Errorf("lora: not merged")
+	}
+	for _, t := range l.order {
+		if err := t.layer.Weights(ctx).SetValue(t.original); err != nil {
+			return err
+		}
+		t.original = nil
+	}
+	l.merged = false
+	return nil
+}
+
+// Merged implements peft.Merger.
+func (l *LoRA) Merged() bool { return l.merged }
+
+// Delta returns the update s·A·B ([in, out], row-major) of the layer at path: what Merge adds to
+// its weights.
+func (l *LoRA) Delta(path string) ([]float32, error) {
+	t := l.targets[path]
+	if t == nil {
+		return nil, fmt.Errorf("lora: layer %q is not adapted (adapted: %v)", path, l.Targets())
+	}
+	return l.delta(t)
+}

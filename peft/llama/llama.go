@@ -1,0 +1,295 @@
+// Package llama is the reference model of the SDK: a decoder-only transformer in the Llama style
+// (RMSNorm, rotary positions, grouped-query attention, SwiGLU feed-forward, optional tied
+// embeddings), written only with peft's building blocks so that every fine-tuning method attaches
+// to it unchanged.
+//
+// Its layers are named like Hugging Face's LlamaForCausalLM (model.embed_tokens,
+// model.layers.N.self_attn.q_proj, …, model.layers.N.mlp.gate_proj, model.norm, lm_head), so
+// target patterns written for Hugging Face PEFT select the same layers here, and Hugging Face
+// checkpoints map onto it tensor by tensor. Linear weights are stored [in, out] (GoMLX's
+// layers.Dense layout), the transpose of PyTorch's.
+package llama
+
+import (
+	"fmt"
+	"math"
+	"strconv"
+
+	"github.com/gomlx/gomlx/pkg/core/graph"
+	"github.com/gomlx/gomlx/pkg/core/shapes"
+	"github.com/gomlx/gomlx/pkg/core/tensors"
+	"github.com/gomlx/gomlx/pkg/ml/context"
+	"github.com/gomlx/gopjrt/dtypes"
+
+	"peft/peft"
+)
+
+// Config holds the sizes of a Llama model, with Hugging Face config.json's meaning.
+type Config struct {
+	VocabSize        int     `json:"vocab_size"`
+	HiddenSize       int     `json:"hidden_size"`
+	IntermediateSize int     `json:"intermediate_size"`
+	NumLayers        int     `json:"num_hidden_layers"`
+	NumHeads         int     `json:"num_attention_heads"`
+	NumKVHeads       int     `json:"num_key_value_heads"`
+	MaxPositions     int     `json:"max_position_embeddings"`
+	RMSNormEps       float64 `json:"rms_norm_eps"`
+	RopeTheta        float64 `json:"rope_theta"`
+	TieEmbeddings    bool    `json:"tie_word_embeddings"`
+}
+
+// Tiny is a small configuration for tests and examples: 2 layers, hidden 32, vocabulary 64.
+func Tiny() Config {
+	return Config{VocabSize: 64, HiddenSize: 32, IntermediateSize: 64, NumLayers: 2, NumHeads: 4,
+		NumKVHeads: 2, MaxPositions: 64, RMSNormEps: 1e-5, RopeTheta: 10000}
+}
+
+// HeadDim is the width of one attention head.
+func (c Config) HeadDim() int { return c.HiddenSize / c.NumHeads }
+
+// Validate checks that the sizes fit together.
+func (c Config) Validate() error {
+	for _, f := range []struct {
+		name  string
+		value int
+	}{{"vocab_size", c.VocabSize}, {"hidden_size", c.HiddenSize}, {"intermediate_size", c.IntermediateSize},
+		{"num_hidden_layers", c.NumLayers}, {"num_attention_heads", c.NumHeads},
+		{"num_key_value_heads", c.NumKVHeads}, {"max_position_embeddings", c.MaxPositions}} {
+		if f.value <= 0 {
+			return fmt.Errorf("llama config: %s must be > 0, got %d", f.name, f.value)
+		}
+	}
+	if c.HiddenSize%c.NumHeads != 0 {
+		return fmt.Errorf("llama config: hidden_size %d is not divisible by num_attention_heads %d", c.HiddenSize, c.NumHeads)
+	}
+	if c.NumHeads%c.NumKVHeads != 0 {
+		return fmt.Errorf("llama config: num_attention_heads %d is not divisible by num_key_value_heads %d", c.NumHeads, c.NumKVHeads)
+	}
+	if c.HeadDim()%2 != 0 {
+		return fmt.Errorf("llama config: head dimension %d must be even for rotary embeddings", c.HeadDim())
+	}
+	if c.RMSNormEps <= 0 || c.RopeTheta <= 0 {
+		return fmt.Errorf("llama config: rms_norm_eps (%g) and rope_theta (%g) must be > 0", c.RMSNormEps, c.RopeTheta)
+	}
+	return nil
+}
+
+// Init creates every variable of the model in ctx with deterministic random values from seed
+// (normal, standard deviation 0.02, as Hugging Face initializes Llama; norms start at 1).
+// numLabels = 0 makes a language model (with an lm_head unless embeddings are tied); numLabels > 0
+// a sequence classifier with a "score" head of that many classes. Variables that already exist
+// keep their values.
+func Init(ctx *context.Context, cfg Config, numLabels int, seed uint64) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	if numLabels < 0 {
+		return fmt.Errorf("llama.Init: numLabels must be ≥ 0, got %d", numLabels)
+	}
+	rng := peft.NewRand(seed)
+	ctx = ctx.Checked(false)
+	normal := func(scope *context.Context, name string, dims ...int) {
+		if scope.GetVariableByScopeAndName(scope.Scope(), name) != nil {
+			return
+		}
+		peft.NewVariable(scope, name, peft.Normal(rng, shapes.Make(dtypes.Float32, dims...).Size(), 0.02), dims...)
+	}
+	ones := func(scope *context.Context) {
+		if scope.GetVariableByScopeAndName(scope.Scope(), "weight") != nil {
+			return
+		}
+		values := make([]float32, cfg.HiddenSize)
+		for i := range values {
+			values[i] = 1
+		}
+		peft.NewVariable(scope, "weight", values, cfg.HiddenSize)
+	}
+	d, hd := cfg.HiddenSize, cfg.HeadDim()
+	model := ctx.In("model")
+	normal(model.In("embed_tokens"), "embeddings", cfg.VocabSize, d)
+	for i := range cfg.NumLayers {
+		layer := model.In("layers").In(strconv.Itoa(i))
+		ones(layer.In("input_layernorm"))
+		attn := layer.In("self_attn")
+		normal(attn.In("q_proj").In("dense"), "weights", d, cfg.NumHeads*hd)
+		normal(attn.In("k_proj").In("dense"), "weights", d, cfg.NumKVHeads*hd)
+		normal(attn.In("v_proj").In("dense"), "weights", d, cfg.NumKVHeads*hd)
+		normal(attn.In("o_proj").In("dense"), "weights", cfg.NumHeads*hd, d)
+		ones(layer.In("post_attention_layernorm"))
+		mlp := layer.In("mlp")
+		normal(mlp.In("gate_proj").In("dense"), "weights", d, cfg.IntermediateSize)
+		normal(mlp.In("up_proj").In("dense"), "weights", d, cfg.IntermediateSize)
+		normal(mlp.In("down_proj").In("dense"), "weights", cfg.IntermediateSize, d)
+	}
+	ones(model.In("norm"))
+	switch {
+	case numLabels > 0:
+		normal(ctx.In("score").In("dense"), "weights", d, numLabels)
+	case !cfg.TieEmbeddings:
+		normal(ctx.In("lm_head").In("dense"), "weights", d, cfg.VocabSize)
+	}
+	return nil
+}
+
+// CausalLM returns the language model: inputs[0] are token ids [batch, seq] (int32), inputs[1],
+// optional, a mask [batch, seq] (non-zero for real tokens). Its one output is the logits
+// [batch, seq, vocab].
+func CausalLM(cfg Config) peft.ModelFn {
+	return func(ctx *context.Context, _ any, inputs []*graph.Node) []*graph.Node {
+		hidden, _ := Decoder(ctx, cfg, inputs)
+		var logits *graph.Node
+		if cfg.TieEmbeddings {
+			table := ctx.In("model").In("embed_tokens").GetVariableByScopeAndName(
+				ctx.In("model").In("embed_tokens").Scope(), "embeddings")
+			logits = graph.Einsum("bsd,vd->bsv", hidden, table.ValueGraph(hidden.Graph()))
+		} else {
+			logits = peft.OutputHead(ctx.In("lm_head"), hidden, cfg.VocabSize, false)
+		}
+		return []*graph.Node{logits}
+	}
+}
+
+// Classifier returns a sequence classifier: inputs as for CausalLM (right padding); the output
+// is the logits [batch, numLabels] read at each sequence's last real token, as Hugging Face's
+// LlamaForSequenceClassification does.
+func Classifier(cfg Config, numLabels int) peft.ModelFn {
+	return func(ctx *context.Context, _ any, inputs []*graph.Node) []*graph.Node {
+		hidden, mask := Decoder(ctx, cfg, inputs)
+		seq := hidden.Shape().Dim(1)
+		// One-hot of the last real position: a gather without Slice, whose gradient the pure-Go
+		// backend lacks.
+		last := graph.AddScalar(graph.ReduceSum(graph.ConvertDType(mask, dtypes.Int32), -1), -1)
+		pick := graph.OneHot(last, seq, hidden.DType())
+		pooled := graph.Einsum("bs,bsd->bd", pick, hidden)
+		return []*graph.Node{peft.OutputHead(ctx.In("score"), pooled, numLabels, false)}
+	}
+}
+
+// Decoder runs the embedding, the transformer blocks and the final norm, returning the hidden
+// states [batch, seq, hidden] (one per real input position) and the input mask [batch, seq].
+func Decoder(ctx *context.Context, cfg Config, inputs []*graph.Node) (hidden, mask *graph.Node) {
+	ids := inputs[0]
+	g := ids.Graph()
+	if ids.Rank() != 2 {
+		panic(fmt.Sprintf("llama: token ids must be [batch, seq], got %s", ids.Shape()))
+	}
+	batch, seq := ids.Shape().Dim(0), ids.Shape().Dim(1)
+	if seq > cfg.MaxPositions {
+		panic(fmt.Sprintf("llama: sequence length %d exceeds max_position_embeddings %d", seq, cfg.MaxPositions))
+	}
+	if len(inputs) > 1 && inputs[1] != nil {
+		mask = inputs[1]
+		if mask.DType() != dtypes.Bool {
+			mask = graph.NotEqual(mask, graph.ZerosLike(mask))
+		}
+	} else {
+		mask = graph.Ones(g, shapes.Make(dtypes.Bool, batch, seq))
+	}
+	model := ctx.In("model")
+	embeddings := peft.Embedding(model.In("embed_tokens"), ids, cfg.VocabSize, cfg.HiddenSize, dtypes.Float32)
+	in := peft.EmbedInputs(model, &peft.Inputs{
+		Embeddings: embeddings,
+		Mask:       mask,
+		Positions:  graph.Iota(g, shapes.Make(dtypes.Int32, batch, seq), 1),
+		MaxLength:  cfg.MaxPositions,
+	})
+	h := in.Embeddings
+	cos, sin := rotary(cfg, in.Positions)
+	attnMask := attentionMask(in.Mask)
+	for i := range cfg.NumLayers {
+		layer := model.In("layers").In(strconv.Itoa(i))
+		x := rmsNorm(layer.In("input_layernorm"), h, cfg.RMSNormEps)
+		h = graph.Add(h, peft.SubBlock(layer.In("self_attn"), peft.Attention, x, func(x *graph.Node) *graph.Node {
+			return attention(layer.In("self_attn"), cfg, x, cos, sin, attnMask)
+		}))
+		x = rmsNorm(layer.In("post_attention_layernorm"), h, cfg.RMSNormEps)
+		h = graph.Add(h, peft.SubBlock(layer.In("mlp"), peft.FeedForward, x, func(x *graph.Node) *graph.Node {
+			return feedForward(layer.In("mlp"), cfg, x)
+		}))
+	}
+	h = rmsNorm(model.In("norm"), h, cfg.RMSNormEps)
+	return peft.TrimOutputs(model, h), mask
+}
+
+// rmsNorm is x·w/√(mean(x²)+eps) with the weight "weight" [hidden] in ctx's scope.
+func rmsNorm(ctx *context.Context, x *graph.Node, eps float64) *graph.Node {
+	w := ctx.Checked(false).WithInitializer(func(g *graph.Graph, shape shapes.Shape) *graph.Node {
+		return graph.Ones(g, shape)
+	}).VariableWithShape("weight", shapes.Make(x.DType(), x.Shape().Dim(-1)))
+	meanSquare := graph.ReduceAndKeep(graph.Square(x), graph.ReduceMean, -1)
+	// Div by Sqrt rather than Rsqrt: GoMLX v0.25 has no gradient for Rsqrt.
+	normed := graph.Div(x, graph.Sqrt(graph.AddScalar(meanSquare, eps)))
+	return graph.Mul(normed, graph.ExpandLeftToRank(w.ValueGraph(x.Graph()), x.Rank()))
+}
+
+// rotary returns the cos and sin tables [batch, seq, 1, headDim] for the positions, in Hugging
+// Face's rotate_half convention (frequencies repeated over the two halves).
+func rotary(cfg Config, positions *graph.Node) (cos, sin *graph.Node) {
+	g := positions.Graph()
+	hd := cfg.HeadDim()
+	freqs := make([]float32, hd)
+	for i := range hd / 2 {
+		f := float32(1 / math.Pow(cfg.RopeTheta, float64(2*i)/float64(hd)))
+		freqs[i], freqs[i+hd/2] = f, f
+	}
+	pos := graph.Reshape(graph.ConvertDType(positions, dtypes.Float32), positions.Shape().Dim(0), positions.Shape().Dim(1), 1, 1) // [b, s, 1, 1]
+	angles := graph.Mul(pos, graph.Reshape(graph.Const(g, freqs), 1, 1, 1, hd))
+	return graph.Cos(angles), graph.Sin(angles)
+}
+
+// rotateHalfMatrix is the constant R with x·R = rotate_half(x) = concat(−x[h:], x[:h]). A matmul
+// by a constant avoids slicing, whose gradient the pure-Go backend lacks.
+func rotateHalfMatrix(g *graph.Graph, hd int) *graph.Node {
+	r := make([]float32, hd*hd)
+	h := hd / 2
+	for j := range h {
+		r[(j+h)*hd+j] = -1
+		r[j*hd+j+h] = 1
+	}
+	return graph.Const(g, tensors.FromFlatDataAndDimensions(r, hd, hd))
+}
+
+func applyRotary(x, cos, sin *graph.Node) *graph.Node {
+	hd := x.Shape().Dim(-1)
+	rotated := peft.MatMulLast(x, rotateHalfMatrix(x.Graph(), hd))
+	return graph.Add(graph.Mul(x, cos), graph.Mul(rotated, sin))
+}
+
+// attentionMask combines the causal mask with the key padding mask: [batch, 1, 1, seq, seq].
+func attentionMask(mask *graph.Node) *graph.Node {
+	g := mask.Graph()
+	batch, seq := mask.Shape().Dim(0), mask.Shape().Dim(1)
+	rows := graph.Iota(g, shapes.Make(dtypes.Int32, seq, seq), 0)
+	cols := graph.Iota(g, shapes.Make(dtypes.Int32, seq, seq), 1)
+	causal := graph.BroadcastToDims(graph.Reshape(graph.GreaterOrEqual(rows, cols), 1, 1, 1, seq, seq), batch, 1, 1, seq, seq)
+	keys := graph.BroadcastToDims(graph.Reshape(mask, batch, 1, 1, 1, seq), batch, 1, 1, seq, seq)
+	return graph.LogicalAnd(causal, keys)
+}
+
+func attention(ctx *context.Context, cfg Config, x, cos, sin, mask *graph.Node) *graph.Node {
+	batch, seq := x.Shape().Dim(0), x.Shape().Dim(1)
+	hd, kvHeads := cfg.HeadDim(), cfg.NumKVHeads
+	group := cfg.NumHeads / kvHeads
+	q := graph.Reshape(peft.Linear(ctx.In("q_proj"), x, cfg.NumHeads*hd, false), batch, seq, cfg.NumHeads, hd)
+	k := graph.Reshape(peft.Linear(ctx.In("k_proj"), x, kvHeads*hd, false), batch, seq, kvHeads, hd)
+	v := graph.Reshape(peft.Linear(ctx.In("v_proj"), x, kvHeads*hd, false), batch, seq, kvHeads, hd)
+	q = applyRotary(q, cos, sin)
+	k = applyRotary(k, cos, sin)
+	// Query head h uses kv head h / group.
+	q = graph.Reshape(q, batch, seq, kvHeads, group, hd)
+	scores := graph.Einsum("bqkgd,bskd->bkgqs", q, k)
+	scores = graph.MulScalar(scores, 1/math.Sqrt(float64(hd)))
+	fullMask := graph.BroadcastToDims(mask, batch, kvHeads, group, seq, seq)
+	scores = graph.Where(fullMask, scores, graph.BroadcastToDims(graph.Scalar(x.Graph(), scores.DType(), -1e9), scores.Shape().Dimensions...))
+	probs := graph.Softmax(scores, -1)
+	out := graph.Einsum("bkgqs,bskd->bqkgd", probs, v)
+	out = graph.Reshape(out, batch, seq, cfg.NumHeads*hd)
+	return peft.Linear(ctx.In("o_proj"), out, cfg.HiddenSize, false)
+}
+
+func feedForward(ctx *context.Context, cfg Config, x *graph.Node) *graph.Node {
+	gate := peft.Linear(ctx.In("gate_proj"), x, cfg.IntermediateSize, false)
+	up := peft.Linear(ctx.In("up_proj"), x, cfg.IntermediateSize, false)
+	silu := graph.Mul(gate, graph.Sigmoid(gate))
+	return peft.Linear(ctx.In("down_proj"), graph.Mul(silu, up), cfg.HiddenSize, false)
+}

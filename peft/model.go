@@ -1,0 +1,242 @@
+package peft
+
+import (
+	"fmt"
+	"sync"
+
+	"github.com/gomlx/gomlx/backends"
+	"github.com/gomlx/gomlx/pkg/core/graph"
+	"github.com/gomlx/gomlx/pkg/core/shapes"
+	"github.com/gomlx/gomlx/pkg/core/tensors"
+	"github.com/gomlx/gomlx/pkg/ml/context"
+	"github.com/gomlx/gomlx/pkg/ml/train"
+)
+
+// ModelFn is a GoMLX model function (the same type train.Trainer takes): it builds the model's
+// graph for the given inputs and returns its predictions. Write it with this package's building
+// blocks so that methods can attach to it.
+type ModelFn = train.ModelFn
+
+// Model is a model function with a fine-tuning method applied: what you train, evaluate, save
+// and serve. Create it with NewModel.
+type Model struct {
+	backend backends.Backend
+	ctx     *context.Context
+	fn      ModelFn
+	method  Method
+	layout  *Layout
+
+	mu    sync.Mutex
+	execs map[int]*context.Exec // inference executors by number of inputs
+}
+
+// NewModel applies method to the model fn whose variables live in ctx. It builds fn's graph once
+// for inputs shaped like example (no computation runs) to find the model's layout, initializes
+// the model's variables that have no value yet, lets the method create its own variables, and
+// freezes every variable the method does not train.
+//
+// method may be nil: the model then runs as it is and nothing trains.
+func NewModel(backend backends.Backend, ctx *context.Context, fn ModelFn, method Method, example ...shapes.Shape) (*Model, error) {
+	if backend == nil || ctx == nil || fn == nil {
+		return nil, fmt.Errorf("peft.NewModel: backend, ctx and fn must not be nil")
+	}
+	if len(example) == 0 {
+		return nil, fmt.Errorf("peft.NewModel: give the shape of at least one example input, to trace the model's layout")
+	}
+	m := &Model{backend: backend, ctx: ctx, fn: fn, method: method, execs: map[int]*context.Exec{}}
+	layout, err := traceLayout(backend, ctx, fn, example)
+	if err != nil {
+		return nil, err
+	}
+	m.layout = layout
+	if err := catch("peft.NewModel: initializing the model's variables", func() error {
+		return ctx.InitializeVariables(backend, nil)
+	}); err != nil {
+		return nil, err
+	}
+	if method == nil {
+		for _, v := range layout.BaseVariables {
+			v.SetTrainable(false)
+		}
+		return m, nil
+	}
+	if err := catch(fmt.Sprintf("peft.NewModel: %s", method.Name()), func() error {
+		return method.Init(ctx, layout)
+	}); err != nil {
+		return nil, err
+	}
+	if err := catch("peft.NewModel: initializing the method's variables", func() error {
+		return ctx.InitializeVariables(backend, nil)
+	}); err != nil {
+		return nil, err
+	}
+	// Freeze everything, then unfreeze exactly what the method trains: GoMLX reads Trainable when
+	// it builds a graph, and nothing else (trainer bookkeeping included) may be swept in.
+	for v := range ctx.IterVariables() {
+		v.SetTrainable(false)
+	}
+	for _, tv := range method.Trainable(ctx) {
+		tv.Variable.SetTrainable(true)
+	}
+	return m, nil
+}
+
+// traceLayout builds fn's graph once, without compiling or running it, recording every building
+// block that runs.
+func traceLayout(backend backends.Backend, ctx *context.Context, fn ModelFn, example []shapes.Shape) (*Layout, error) {
+	layout := &Layout{}
+	err := catch("peft.NewModel: tracing the model", func() error {
+		g := graph.NewGraph(backend, "peft_trace")
+		defer g.Finalize()
+		inputs := make([]*graph.Node, len(example))
+		for i, shape := range example {
+			inputs[i] = graph.Parameter(g, fmt.Sprintf("input_%d", i), shape)
+		}
+		ctx.SetGraphParam(g, graphParamActive, &active{trace: layout})
+		fn(ctx.Checked(false), nil, inputs)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for v := range ctx.IterVariables() {
+		layout.BaseVariables = append(layout.BaseVariables, v)
+	}
+	return layout, nil
+}
+
+// Backend returns the backend the model runs on.
+func (m *Model) Backend() backends.Backend { return m.backend }
+
+// Context returns the context holding the model's and the method's variables.
+func (m *Model) Context() *context.Context { return m.ctx }
+
+// Method returns the applied method (nil for a plain model).
+func (m *Model) Method() Method { return m.method }
+
+// Layout returns what tracing found in the model: its linear layers, sub-blocks and inputs.
+func (m *Model) Layout() *Layout { return m.layout }
+
+// Fn returns the model function with the method applied: pass it to GoMLX's trainer or executors
+// to run the model with the method.
+func (m *Model) Fn() ModelFn {
+	return func(ctx *context.Context, spec any, inputs []*graph.Node) []*graph.Node {
+		g := inputs[0].Graph()
+		ctx.SetGraphParam(g, graphParamActive, &active{method: m.method})
+		outputs := m.fn(ctx.Checked(false), spec, inputs)
+		if hook, ok := m.method.(LossHook); ok && ctx.IsTraining(g) {
+			if extra := hook.Loss(ctx, g); extra != nil {
+				train.AddLoss(ctx, extra)
+			}
+		}
+		return outputs
+	}
+}
+
+// Call runs the model (in inference mode) on inputs and returns its outputs. Graphs are compiled
+// once per input shape and reused.
+func (m *Model) Call(inputs ...*tensors.Tensor) ([]*tensors.Tensor, error) {
+	m.mu.Lock()
+	exec, found := m.execs[len(inputs)]
+	if !found {
+		var err error
+		fn := m.Fn()
+		err = catch("peft.Model.Call: building the executor", func() error {
+			exec, err = context.NewExec(m.backend, m.ctx, func(ctx *context.Context, nodes []*graph.Node) []*graph.Node {
+				return fn(ctx, nil, nodes)
+			})
+			return err
+		})
+		if err != nil {
+			m.mu.Unlock()
+			return nil, err
+		}
+		m.execs[len(inputs)] = exec
+	}
+	m.mu.Unlock()
+	args := make([]any, len(inputs))
+	for i, t := range inputs {
+		args[i] = t
+	}
+	var outputs []*tensors.Tensor
+	err := catch("peft.Model.Call", func() error {
+		var err error
+		outputs, err = exec.Exec(args...)
+		return err
+	})
+	return outputs, err
+}
+
+// resetExecutors drops compiled inference graphs: needed when what a graph computes changes
+// (merge, unmerge).
+func (m *Model) resetExecutors() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, e := range m.execs {
+		e.Finalize()
+	}
+	m.execs = map[int]*context.Exec{}
+}
+
+// Merge folds the method's update into the base weights so inference costs nothing extra.
+// It is an error for methods whose math does not allow it.
+func (m *Model) Merge() error {
+	merger, ok := m.method.(Merger)
+	if !ok {
+		return fmt.Errorf("peft: method %s cannot be merged into the base weights", m.methodName())
+	}
+	defer m.resetExecutors()
+	return catch("peft.Model.Merge", func() error { return merger.Merge(m.ctx) })
+}
+
+// Unmerge undoes Merge, restoring the base weights exactly.
+func (m *Model) Unmerge() error {
+	merger, ok := m.method.(Merger)
+	if !ok {
+		return fmt.Errorf("peft: method %s cannot be merged into the base weights", m.methodName())
+	}
+	defer m.resetExecutors()
+	return catch("peft.Model.Unmerge", func() error { return merger.Unmerge(m.ctx) })
+}
+
+// Merged reports whether the method's update is currently merged into the base weights.
+func (m *Model) Merged() bool {
+	merger, ok := m.method.(Merger)
+	return ok && merger.Merged()
+}
+
+func (m *Model) methodName() string {
+	if m.method == nil {
+		return "none"
+	}
+	return m.method.Name()
+}
+
+// TrainableVariables lists what the method trains.
+func (m *Model) TrainableVariables() []TrainableVariable {
+	if m.method == nil {
+		return nil
+	}
+	return m.method.Trainable(m.ctx)
+}
+
+// Report counts the trainable and all parameters of the model with the method applied.
+// All parameters are the base model's variables that still exist plus the method's trainable
+// ones; optimizer and trainer bookkeeping never count.
+func (m *Model) Report() ParamReport {
+	var r ParamReport
+	counted := map[*context.Variable]bool{}
+	for _, tv := range m.TrainableVariables() {
+		n := int64(tv.Variable.Shape().Size())
+		r.Trainable += n
+		r.All += n
+		counted[tv.Variable] = true
+	}
+	for _, v := range m.layout.BaseVariables {
+		if counted[v] || m.ctx.GetVariableByScopeAndName(v.Scope(), v.Name()) != v {
+			continue
+		}
+		r.All += int64(v.Shape().Size())
+	}
+	return r
+}

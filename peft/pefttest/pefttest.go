@@ -1,0 +1,225 @@
+// Package pefttest holds the checks every fine-tuning method must pass, run by each method
+// package's tests on the same tiny Llama model and toy task, so that the methods are held to one
+// standard without copies of the same test in every package.
+package pefttest
+
+import (
+	"math"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/gomlx/gomlx/pkg/core/shapes"
+	"github.com/gomlx/gomlx/pkg/core/tensors"
+	"github.com/gomlx/gomlx/pkg/ml/context"
+	"github.com/gomlx/gopjrt/dtypes"
+	"github.com/stretchr/testify/require"
+
+	"peft/peft"
+	"peft/peft/backend"
+	"peft/peft/llama"
+)
+
+// Batch and Seq are the toy task's batch size and sequence length.
+const (
+	Batch = 16
+	Seq   = 8
+)
+
+// Config is the tiny model the checks run on.
+func Config() llama.Config { return llama.Tiny() }
+
+// NewModel builds the tiny Llama classifier (2 classes, seed 1) in a fresh context with method
+// applied (nil for the base model).
+func NewModel(t testing.TB, method peft.Method) *peft.Model {
+	t.Helper()
+	m, err := newModel(method)
+	require.NoError(t, err)
+	return m
+}
+
+func newModel(method peft.Method) (*peft.Model, error) {
+	b, err := backend.Get()
+	if err != nil {
+		return nil, err
+	}
+	ctx := context.New()
+	cfg := Config()
+	if err := llama.Init(ctx, cfg, 2, 1); err != nil {
+		return nil, err
+	}
+	return peft.NewModel(b, ctx, llama.Classifier(cfg, 2), method, shapes.Make(dtypes.Int32, Batch, Seq))
+}
+
+// NewModelErr is NewModel returning the error, for checks of bad configurations.
+func NewModelErr(method peft.Method) error {
+	_, err := newModel(method)
+	return err
+}
+
+// ToyBatches returns n batches of the toy task: sequences of Seq token ids with words of two
+// kinds, "good" (ids 10–19) and "bad" (ids 20–29), among fillers (30–63); the label is 1 when
+// good words outnumber bad ones. Labels are [Batch, 1] int32.
+func ToyBatches(n int, seed uint64) []peft.Batch {
+	rng := peft.NewRand(seed)
+	batches := make([]peft.Batch, n)
+	for bi := range batches {
+		ids := make([]int32, Batch*Seq)
+		labels := make([]int32, Batch)
+		for i := range Batch {
+			good, bad := 0, 0
+			for good == bad {
+				good, bad = 0, 0
+				for j := range Seq {
+					switch rng.IntN(3) {
+					case 0:
+						ids[i*Seq+j] = int32(10 + rng.IntN(10))
+						good++
+					case 1:
+						ids[i*Seq+j] = int32(20 + rng.IntN(10))
+						bad++
+					default:
+						ids[i*Seq+j] = int32(30 + rng.IntN(34))
+					}
+				}
+			}
+			if good > bad {
+				labels[i] = 1
+			}
+		}
+		batches[bi] = peft.Batch{
+			Inputs: []*tensors.Tensor{tensors.FromFlatDataAndDimensions(ids, Batch, Seq)},
+			Labels: []*tensors.Tensor{tensors.FromFlatDataAndDimensions(labels, Batch, 1)},
+		}
+	}
+	return batches
+}
+
+// Logits runs m on the first toy batch and returns the logits.
+func Logits(t testing.TB, m *peft.Model) [][]float32 {
+	t.Helper()
+	out, err := m.Call(ToyBatches(1, 99)[0].Inputs...)
+	require.NoError(t, err)
+	return out[0].Value().([][]float32)
+}
+
+// CheckIdentityAtInit checks that a freshly applied method leaves the model's outputs bit for bit
+// equal to the base model's, as methods whose update starts at zero must.
+func CheckIdentityAtInit(t *testing.T, method peft.Method) {
+	t.Helper()
+	base := Logits(t, NewModel(t, nil))
+	with := Logits(t, NewModel(t, method))
+	require.Equal(t, base, with, "outputs differ from the base model at initialization")
+}
+
+// Snapshot copies the values of the given variables.
+func Snapshot(t testing.TB, vars []*context.Variable) map[*context.Variable][]byte {
+	t.Helper()
+	snap := map[*context.Variable][]byte{}
+	for _, v := range vars {
+		value, err := v.Value()
+		require.NoError(t, err)
+		require.NoError(t, value.ConstBytes(func(data []byte) { snap[v] = append([]byte(nil), data...) }))
+	}
+	return snap
+}
+
+// Train trains m on the toy task for steps and returns the evaluation loss and accuracy before
+// and after on held-out batches.
+func Train(t testing.TB, m *peft.Model, steps int, lr float64) (before, after peft.EvalResult) {
+	t.Helper()
+	trainer, err := peft.NewTrainer(m, peft.TrainConfig{
+		Steps: steps, LearningRate: lr, WarmupSteps: steps / 10, Loss: peft.CrossEntropy,
+		Accuracy: true, Progress: peft.ProgressOff,
+	})
+	require.NoError(t, err)
+	eval := peft.NewDataset("eval", ToyBatches(4, 7), false)
+	before, err = trainer.Evaluate(eval)
+	require.NoError(t, err)
+	_, err = trainer.Train(peft.NewDataset("train", ToyBatches(32, 3), true))
+	require.NoError(t, err)
+	after, err = trainer.Evaluate(eval)
+	require.NoError(t, err)
+	return before, after
+}
+
+// CheckTrainingLearns trains the method on the toy task and checks that the held-out loss fell
+// below maxRatio of where it started, that the method's variables moved and that every base
+// variable it does not train is bit-identical afterwards.
+func CheckTrainingLearns(t *testing.T, method peft.Method, steps int, lr, maxRatio float64) (before, after peft.EvalResult) {
+	t.Helper()
+	m := NewModel(t, method)
+	trainable := map[*context.Variable]bool{}
+	var trainVars []*context.Variable
+	for _, tv := range m.TrainableVariables() {
+		trainable[tv.Variable] = true
+		trainVars = append(trainVars, tv.Variable)
+	}
+	var frozen []*context.Variable
+	for _, v := range m.Layout().BaseVariables {
+		if !trainable[v] {
+			frozen = append(frozen, v)
+		}
+	}
+	frozenBefore := Snapshot(t, frozen)
+	trainBefore := Snapshot(t, trainVars)
+	before, after = Train(t, m, steps, lr)
+	t.Logf("%s: eval loss %.4f → %.4f, accuracy %.3f → %.3f", method.Name(), before.Loss, after.Loss, before.Accuracy, after.Accuracy)
+	require.False(t, math.IsNaN(after.Loss))
+	require.Less(t, after.Loss, before.Loss*maxRatio, "training did not lower the loss enough")
+	require.Equal(t, frozenBefore, Snapshot(t, frozen), "frozen base weights changed during training")
+	moved := false
+	for v, data := range Snapshot(t, trainVars) {
+		if string(data) != string(trainBefore[v]) {
+			moved = true
+		}
+	}
+	require.True(t, moved, "no trainable variable changed")
+	return before, after
+}
+
+// CheckSaveLoad trains the method a few steps, saves it, loads it into a fresh model built with
+// newMethod and checks that the outputs agree bit for bit; then checks that loading from a
+// missing, truncated or corrupt folder fails and leaves the model unchanged.
+func CheckSaveLoad(t *testing.T, newMethod func() peft.Method) {
+	t.Helper()
+	m := NewModel(t, newMethod())
+	Train(t, m, 5, 1e-2)
+	want := Logits(t, m)
+	dir := filepath.Join(t.TempDir(), "state")
+	require.NoError(t, m.Save(dir))
+
+	fresh := NewModel(t, newMethod())
+	freshLogits := Logits(t, fresh)
+	require.NotEqual(t, want, freshLogits, "training changed nothing, the round trip proves nothing")
+	require.NoError(t, fresh.Load(dir))
+	require.Equal(t, want, Logits(t, fresh), "outputs after load differ")
+
+	// Bad folders: each load fails with an error and changes nothing.
+	other := NewModel(t, newMethod())
+	otherLogits := Logits(t, other)
+	require.Error(t, other.Load(filepath.Join(t.TempDir(), "missing")))
+	stateData, err := os.ReadFile(filepath.Join(dir, peft.StateFile))
+	require.NoError(t, err)
+	for name, mutate := range map[string]func(dir string){
+		"truncated": func(d string) {
+			require.NoError(t, os.WriteFile(filepath.Join(d, peft.StateFile), stateData[:len(stateData)/2], 0o644))
+		},
+		"corrupt header": func(d string) {
+			bad := append([]byte(nil), stateData...)
+			copy(bad[8:], "{{{{")
+			require.NoError(t, os.WriteFile(filepath.Join(d, peft.StateFile), bad, 0o644))
+		},
+		"corrupt config": func(d string) {
+			require.NoError(t, os.WriteFile(filepath.Join(d, peft.ConfigFile), []byte("{not json"), 0o644))
+		},
+	} {
+		bad := filepath.Join(t.TempDir(), "bad")
+		require.NoError(t, os.CopyFS(bad, os.DirFS(dir)))
+		mutate(bad)
+		err := other.Load(bad)
+		require.Error(t, err, name)
+		t.Logf("%s: %v", name, err)
+		require.Equal(t, otherLogits, Logits(t, other), "a failed load (%s) changed the model", name)
+	}
+}

@@ -1,0 +1,193 @@
+package peft
+
+import (
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"sort"
+	"strings"
+
+	"github.com/gomlx/gomlx/pkg/ml/context"
+)
+
+// AllLinear is the special target pattern that selects every linear layer except output heads,
+// as in Hugging Face PEFT.
+const AllLinear = "all-linear"
+
+// Targets selects linear layers by Hugging Face PEFT's rules:
+//   - Pattern, a regular expression, must match a layer's whole path
+//     ("model.layers.0.self_attn.q_proj"); the special pattern "all-linear" (AllLinear) selects
+//     every linear layer except output heads;
+//   - Names match a layer's path exactly or as a suffix after a dot ("q_proj" matches
+//     "model.layers.0.self_attn.q_proj").
+//
+// Give one of the two. In JSON it is written as HF writes target_modules: a string for a pattern,
+// a list for names.
+type Targets struct {
+	Pattern string
+	Names   []string
+}
+
+// TargetNames selects layers whose path is one of names or ends with "."+name.
+func TargetNames(names ...string) Targets { return Targets{Names: names} }
+
+// TargetPattern selects layers whose whole path matches the regular expression pattern, or every
+// non-head linear layer for AllLinear.
+func TargetPattern(pattern string) Targets { return Targets{Pattern: pattern} }
+
+// IsZero reports whether no target is set.
+func (t Targets) IsZero() bool { return t.Pattern == "" && len(t.Names) == 0 }
+
+// String describes the targets as a user wrote them.
+func (t Targets) String() string {
+	if t.Pattern != "" {
+		return fmt.Sprintf("%q", t.Pattern)
+	}
+	return fmt.Sprintf("%q", t.Names)
+}
+
+// Validate checks that exactly one of Pattern and Names is set and that the pattern compiles.
+func (t Targets) Validate() error {
+	switch {
+	case t.IsZero():
+		return fmt.Errorf("no target modules given")
+	case t.Pattern != "" && len(t.Names) > 0:
+		return fmt.Errorf("target modules: give either a pattern or a list of names, not both")
+	case t.Pattern != "" && t.Pattern != AllLinear:
+		if _, err := regexp.Compile(t.Pattern); err != nil {
+			return fmt.Errorf("target pattern %q is not a valid regular expression: %w", t.Pattern, err)
+		}
+	}
+	for _, name := range t.Names {
+		if name == "" {
+			return fmt.Errorf("target modules: empty name in %q", t.Names)
+		}
+	}
+	return nil
+}
+
+// Matches reports whether the layer is selected.
+func (t Targets) Matches(layer *LinearLayer) bool {
+	if t.Pattern == AllLinear {
+		return !layer.Head
+	}
+	if t.Pattern != "" {
+		re, err := regexp.Compile("^(?:" + t.Pattern + ")$")
+		return err == nil && re.MatchString(layer.Path)
+	}
+	for _, name := range t.Names {
+		if layer.Path == name || strings.HasSuffix(layer.Path, "."+name) {
+			return true
+		}
+	}
+	return false
+}
+
+// Select returns the layers of layout that t selects, in model order. Selecting nothing is an
+// error that names the targets and lists the layers that exist.
+func (t Targets) Select(layout *Layout) ([]*LinearLayer, error) {
+	if err := t.Validate(); err != nil {
+		return nil, err
+	}
+	var selected []*LinearLayer
+	for _, layer := range layout.Linears {
+		if t.Matches(layer) {
+			selected = append(selected, layer)
+		}
+	}
+	if len(selected) == 0 {
+		return nil, fmt.Errorf("target modules %s match no linear layer of the model; the layers are: %s",
+			t, strings.Join(layout.LinearPaths(), ", "))
+	}
+	return selected, nil
+}
+
+// MarshalJSON writes a pattern as a string and names as a list, like HF's target_modules.
+func (t Targets) MarshalJSON() ([]byte, error) {
+	if t.Pattern != "" {
+		return json.Marshal(t.Pattern)
+	}
+	return json.Marshal(t.Names)
+}
+
+// UnmarshalJSON reads a string as a pattern and a list as names.
+func (t *Targets) UnmarshalJSON(data []byte) error {
+	var pattern string
+	if err := json.Unmarshal(data, &pattern); err == nil {
+		*t = Targets{Pattern: pattern}
+		return nil
+	}
+	var names []string
+	if err := json.Unmarshal(data, &names); err != nil {
+		return fmt.Errorf("target modules must be a string or a list of strings: %w", err)
+	}
+	*t = Targets{Names: names}
+	return nil
+}
+
+// PatternValue looks up a per-layer override (HF's rank_pattern, alpha_pattern): each key is a
+// regular expression matched against the end of the layer path, after a dot or the whole path.
+// Keys are tried in sorted order and the first match wins, so the result does not depend on map
+// order.
+func PatternValue[T any](patterns map[string]T, path string) (value T, found bool) {
+	keys := make([]string, 0, len(patterns))
+	for key := range patterns {
+		keys = append(keys, key)
+	}
+	sort.Strings(keys)
+	for _, key := range keys {
+		re, err := regexp.Compile(`(?:^|\.)(?:` + key + `)$`)
+		if err == nil && re.MatchString(path) {
+			return patterns[key], true
+		}
+	}
+	return value, false
+}
+
+// ValidatePatterns checks that every key of a per-layer override map is a valid regular
+// expression.
+func ValidatePatterns[T any](what string, patterns map[string]T) error {
+	for key := range patterns {
+		if _, err := regexp.Compile(key); err != nil {
+			return fmt.Errorf("%s key %q is not a valid regular expression: %w", what, key, err)
+		}
+	}
+	return nil
+}
+
+// ModulesToSave returns the variables of the base model that belong to the named modules, which a
+// method trains and saves in full besides its own weights (Hugging Face's modules_to_save, e.g.
+// a new classifier head "score"). A name matches a module whose path is the name or ends with "."
+// + name; a name that matches nothing is an error.
+func ModulesToSave(layout *Layout, names []string) ([]*context.Variable, error) {
+	var selected []*context.Variable
+	for _, name := range names {
+		found := false
+		for _, v := range layout.BaseVariables {
+			if moduleMatches(ScopeToPath(v.Scope()), name) {
+				selected = append(selected, v)
+				found = true
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("modules_to_save: %q matches no module of the model", name)
+		}
+	}
+	return selected, nil
+}
+
+// moduleMatches reports whether a variable at the dotted scope path belongs to a module named
+// name: some prefix of the path (ending at a dot) is name or ends with "."+name.
+func moduleMatches(path, name string) bool {
+	for prefix := path; prefix != ""; {
+		if prefix == name || strings.HasSuffix(prefix, "."+name) {
+			return true
+		}
+		i := strings.LastIndex(prefix, ".")
+		if i < 0 {
+			break
+		}
+		prefix = prefix[:i]
+	}
+	return false
+}

@@ -1,0 +1,263 @@
+package peft
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"slices"
+	"time"
+
+	"github.com/gomlx/gomlx/pkg/core/tensors"
+	"github.com/gomlx/gomlx/pkg/ml/train"
+	"github.com/gomlx/gomlx/pkg/ml/train/metrics"
+	"github.com/gomlx/gomlx/ui/commandline"
+)
+
+// Progress says how training reports progress.
+type Progress int
+
+const (
+	// ProgressAuto shows GoMLX's progress bar when stdout is a terminal and plain log lines
+	// otherwise (the bar's cursor escapes would garble logs).
+	ProgressAuto Progress = iota
+	// ProgressLines logs a plain line every TrainConfig.LogEvery steps.
+	ProgressLines
+	// ProgressBar always shows GoMLX's progress bar.
+	ProgressBar
+	// ProgressOff reports nothing.
+	ProgressOff
+)
+
+// TrainConfig configures a Trainer. Zero fields take the documented defaults.
+type TrainConfig struct {
+	// Steps is the total number of optimizer steps; the schedule decays over it. Required.
+	Steps int
+	// LearningRate is the peak learning rate. Default 1e-3.
+	LearningRate float64
+	// WarmupSteps of linear warmup from 0. Default 0.
+	WarmupSteps int
+	// Decay after warmup. Default LinearDecay.
+	Decay Decay
+	// MinLRRatio is the final learning rate as a share of the peak. Default 0.
+	MinLRRatio float64
+	// Beta1, Beta2 and Epsilon of Adam. Defaults 0.9, 0.999, 1e-8.
+	Beta1, Beta2, Epsilon float64
+	// WeightDecay is AdamW's decoupled weight decay. Default 0.
+	WeightDecay float64
+	// ClipNorm clips the global gradient norm. Default 1.0; negative disables clipping.
+	ClipNorm float64
+	// Loss is the task loss (CrossEntropy, NextTokenLoss, MultiTask, …). Required.
+	Loss LossFn
+	// Accuracy adds classification accuracy (argmax of predictions[0] against labels[0], shaped
+	// [batch, 1]) to evaluation.
+	Accuracy bool
+	// Progress mode. Default ProgressAuto.
+	Progress Progress
+	// LogEvery is the number of steps between log lines. Default Steps/10 (at least 1).
+	LogEvery int
+	// Output is where log lines go. Default os.Stdout.
+	Output io.Writer
+}
+
+// withDefaults returns the config with defaults filled in, or an error naming a bad field.
+func (c TrainConfig) withDefaults() (TrainConfig, error) {
+	if c.Steps <= 0 {
+		return c, fmt.Errorf("peft.TrainConfig: Steps must be > 0, got %d", c.Steps)
+	}
+	if c.Loss == nil {
+		return c, fmt.Errorf("peft.TrainConfig: Loss is required (e.g. peft.CrossEntropy or peft.NextTokenLoss)")
+	}
+	if c.LearningRate == 0 {
+		c.LearningRate = 1e-3
+	}
+	if c.LearningRate < 0 || math.IsNaN(c.LearningRate) {
+		return c, fmt.Errorf("peft.TrainConfig: LearningRate must be > 0, got %g", c.LearningRate)
+	}
+	if c.Decay == "" {
+		c.Decay = LinearDecay
+	}
+	if c.Beta1 == 0 {
+		c.Beta1 = 0.9
+	}
+	if c.Beta2 == 0 {
+		c.Beta2 = 0.999
+	}
+	if c.Epsilon == 0 {
+		c.Epsilon = 1e-8
+	}
+	if c.Beta1 < 0 || c.Beta1 >= 1 || c.Beta2 < 0 || c.Beta2 >= 1 {
+		return c, fmt.Errorf("peft.TrainConfig: Adam betas must be in [0, 1), got %g, %g", c.Beta1, c.Beta2)
+	}
+	if c.WeightDecay < 0 {
+		return c, fmt.Errorf("peft.TrainConfig: WeightDecay must be ≥ 0, got %g", c.WeightDecay)
+	}
+	if c.ClipNorm == 0 {
+		c.ClipNorm = 1
+	}
+	if c.LogEvery <= 0 {
+		c.LogEvery = max(1, c.Steps/10)
+	}
+	if c.Output == nil {
+		c.Output = os.Stdout
+	}
+	if err := c.schedule().Validate(); err != nil {
+		return c, fmt.Errorf("peft.TrainConfig: %w", err)
+	}
+	return c, nil
+}
+
+func (c TrainConfig) schedule() Schedule {
+	return Schedule{WarmupSteps: c.WarmupSteps, TotalSteps: c.Steps, Decay: c.Decay, MinRatio: c.MinLRRatio}
+}
+
+// Trainer trains a Model's method with GoMLX's training loop and our AdamW.
+type Trainer struct {
+	model   *Model
+	cfg     TrainConfig
+	trainer *train.Trainer
+	loop    *train.Loop
+	losses  []float64
+	stepDur []time.Duration
+}
+
+// NewTrainer prepares to train model's method with cfg.
+func NewTrainer(model *Model, cfg TrainConfig) (*Trainer, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if model.method == nil {
+		return nil, fmt.Errorf("peft.NewTrainer: the model has no method: nothing to train")
+	}
+	if len(model.TrainableVariables()) == 0 {
+		return nil, fmt.Errorf("peft.NewTrainer: method %s has no trainable variables", model.method.Name())
+	}
+	opt := &AdamW{
+		LearningRate: cfg.LearningRate, Beta1: cfg.Beta1, Beta2: cfg.Beta2, Epsilon: cfg.Epsilon,
+		WeightDecay: cfg.WeightDecay, ClipNorm: max(cfg.ClipNorm, 0), Schedule: cfg.schedule(),
+		Variables: model.TrainableVariables,
+	}
+	if hook, ok := model.method.(GradientHook); ok {
+		opt.Gradients = hook
+	}
+	var evalMetrics []metrics.Interface
+	if cfg.Accuracy {
+		evalMetrics = append(evalMetrics, metrics.NewSparseCategoricalAccuracy("Accuracy", "acc"))
+	}
+	t := &Trainer{model: model, cfg: cfg}
+	err = catch("peft.NewTrainer", func() error {
+		t.trainer = train.NewTrainer(model.backend, model.ctx, model.Fn(), cfg.Loss, opt, nil, evalMetrics)
+		t.loop = train.NewLoop(t.trainer)
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	t.attachProgress()
+	return t, nil
+}
+
+func isTerminal(f *os.File) bool {
+	info, err := f.Stat()
+	return err == nil && info.Mode()&os.ModeCharDevice != 0
+}
+
+func (t *Trainer) attachProgress() {
+	mode := t.cfg.Progress
+	if mode == ProgressAuto {
+		mode = ProgressLines
+		if t.cfg.Output == os.Stdout && isTerminal(os.Stdout) {
+			mode = ProgressBar
+		}
+	}
+	var last time.Time
+	t.loop.OnStep("peft_record", 0, func(loop *train.Loop, m []*tensors.Tensor) error {
+		now := time.Now()
+		if !last.IsZero() {
+			t.stepDur = append(t.stepDur, now.Sub(last))
+		}
+		last = now
+		loss := scalarFloat(m[0])
+		step := int(loop.LoopStep) + 1
+		if math.IsNaN(loss) || math.IsInf(loss, 0) {
+			return fmt.Errorf("training stopped at step %d: the loss is %v (the step was not applied)", step, loss)
+		}
+		t.losses = append(t.losses, loss)
+		if mode == ProgressLines && (step%t.cfg.LogEvery == 0 || step == t.cfg.Steps) {
+			_, _ = fmt.Fprintf(t.cfg.Output, "%s step %d/%d  loss %.4f\n", t.model.methodName(), step, t.cfg.Steps, loss)
+		}
+		return nil
+	})
+	if mode == ProgressBar {
+		commandline.AttachProgressBar(t.loop)
+	}
+}
+
+func scalarFloat(t *tensors.Tensor) float64 {
+	switch v := t.Value().(type) {
+	case float32:
+		return float64(v)
+	case float64:
+		return v
+	}
+	return math.NaN()
+}
+
+// Train runs the remaining steps up to TrainConfig.Steps on ds (which should loop forever or be
+// long enough) and returns the loss of each step taken so far.
+func (t *Trainer) Train(ds train.Dataset) ([]float64, error) {
+	if t.model.Merged() {
+		return nil, ErrMerged
+	}
+	err := catch("peft.Trainer.Train", func() error {
+		_, err := t.loop.RunToGlobalStep(ds, t.cfg.Steps)
+		return err
+	})
+	return t.losses, err
+}
+
+// Losses returns the training loss of each step taken so far.
+func (t *Trainer) Losses() []float64 { return t.losses }
+
+// MedianStepTime is the median wall time of a training step so far (the first, which compiles
+// the graph, excluded).
+func (t *Trainer) MedianStepTime() time.Duration {
+	if len(t.stepDur) == 0 {
+		return 0
+	}
+	d := slices.Clone(t.stepDur)
+	slices.Sort(d)
+	return d[len(d)/2]
+}
+
+// EvalResult is the outcome of evaluating a model on a dataset.
+type EvalResult struct {
+	// Loss is the mean task loss over the batches (regularization excluded).
+	Loss float64
+	// Accuracy is the classification accuracy, or NaN when TrainConfig.Accuracy is off.
+	Accuracy float64
+}
+
+// Evaluate runs ds once (it must end with io.EOF) and returns the mean loss and accuracy.
+func (t *Trainer) Evaluate(ds train.Dataset) (EvalResult, error) {
+	result := EvalResult{Loss: math.NaN(), Accuracy: math.NaN()}
+	err := catch("peft.Trainer.Evaluate", func() error {
+		ds.Reset()
+		values, err := t.trainer.Eval(ds)
+		if err != nil {
+			return err
+		}
+		// Eval returns the mean loss+regularization, the mean loss, then the metrics.
+		if len(values) < 2 {
+			return errors.New("evaluation returned no loss")
+		}
+		result.Loss = scalarFloat(values[1])
+		if t.cfg.Accuracy && len(values) > 2 {
+			result.Accuracy = scalarFloat(values[2])
+		}
+		return nil
+	})
+	return result, err
+}
