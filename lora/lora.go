@@ -99,8 +99,8 @@ func (c Config) Validate() error {
 // LoRA is the LoRA method. It implements peft.Method, peft.LinearHook and peft.Merger.
 type LoRA struct {
 	cfg     Config
-	targets map[string]*target // by layer path
-	order   []*target          // model order
+	targets map[string]*target  // by layer path
+	order   []*target           // model order
 	modules []*context.Variable // ModulesToSave's variables
 	merged  bool
 }
