@@ -2,6 +2,10 @@ package safetensors
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -34,9 +38,9 @@ func fuzzSeeds(tb testing.TB) [][]byte {
 func FuzzParse(f *testing.F) {
 	for _, seed := range fuzzSeeds(f) {
 		f.Add(seed)
-		f.Add(seed[:len(seed)-1])   // truncated data section
-		f.Add(seed[:len(seed)/2])   // truncated header or data
-		f.Add(seed[:8])             // length prefix only
+		f.Add(seed[:len(seed)-1])        // truncated data section
+		f.Add(seed[:len(seed)/2])        // truncated header or data
+		f.Add(seed[:8])                  // length prefix only
 		f.Add(seed[:min(12, len(seed))]) // a few header bytes
 	}
 	f.Add([]byte{})
@@ -108,4 +112,40 @@ func equalInts(a, b []int) bool {
 		}
 	}
 	return true
+}
+
+// TestFuzzCorpusFiles pins what the checked-in corpus entries exercise: the
+// valid ones must parse (so the fuzz target's round trip runs on them), the
+// others must be rejected.
+func TestFuzzCorpusFiles(t *testing.T) {
+	valid := map[string]bool{"valid_lora": true, "scalar_f16_and_empty": true}
+	entries, err := os.ReadDir(filepath.Join("testdata", "fuzz", "FuzzParse"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) < 3 {
+		t.Fatalf("only %d corpus files", len(entries))
+	}
+	for _, e := range entries {
+		raw, err := os.ReadFile(filepath.Join("testdata", "fuzz", "FuzzParse", e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := strings.Split(strings.TrimSpace(string(raw)), "\n")
+		if len(lines) != 2 || lines[0] != "go test fuzz v1" ||
+			!strings.HasPrefix(lines[1], "[]byte(") || !strings.HasSuffix(lines[1], ")") {
+			t.Fatalf("%s: not a go fuzz corpus file", e.Name())
+		}
+		s, err := strconv.Unquote(strings.TrimSuffix(strings.TrimPrefix(lines[1], "[]byte("), ")"))
+		if err != nil {
+			t.Fatalf("%s: %v", e.Name(), err)
+		}
+		_, err = Parse([]byte(s))
+		if valid[e.Name()] && err != nil {
+			t.Errorf("%s: want valid, got %v", e.Name(), err)
+		}
+		if !valid[e.Name()] && err == nil {
+			t.Errorf("%s: want an error", e.Name())
+		}
+	}
 }

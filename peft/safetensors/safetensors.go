@@ -75,10 +75,10 @@ func (d DType) Size() int {
 // Tensor is one named tensor: its element type, its dimensions (row-major) and
 // its raw little-endian bytes.
 type Tensor struct {
-	Name  string
-	DType DType
-	Shape []int
-	Data  []byte
+	Name  string // unique within a file; "__metadata__" is reserved
+	DType DType  // element type
+	Shape []int  // dimensions, row-major; empty for a scalar
+	Data  []byte // raw little-endian bytes, DType.Size() × product(Shape)
 }
 
 // File is the content of a safetensors file.
@@ -428,7 +428,7 @@ func decodeTensor(name string, raw json.RawMessage, bodyLen int) (t Tensor, begi
 			return t, 0, 0, fmt.Errorf("data_offsets[%d] is %s, not a non-negative integer", i, truncate(string(r)))
 		}
 		if v > uint64(bodyLen) {
-			return t, 0, 0, fmt.Errorf("data_offsets [%s, %s]: end beyond the %d-byte data section",
+			return t, 0, 0, fmt.Errorf("data_offsets [%s, %s] reach beyond the %d-byte data section",
 				truncate(string(h.DataOffsets[0])), truncate(string(h.DataOffsets[1])), bodyLen)
 		}
 		off[i] = int(v)
@@ -554,7 +554,7 @@ func Encode(tensors []Tensor, metadata map[string]string) ([]byte, error) {
 func writeJSONString(b *bytes.Buffer, s string) {
 	enc := json.NewEncoder(b)
 	enc.SetEscapeHTML(false)
-	_ = enc.Encode(s) // cannot fail for a string
+	_ = enc.Encode(s)       // cannot fail for a string
 	b.Truncate(b.Len() - 1) // drop the newline Encode appends
 }
 

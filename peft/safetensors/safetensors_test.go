@@ -142,8 +142,8 @@ func TestParseErrors(t *testing.T) {
 		{"offset negative", withHeader(`{`+f32("w", "[1]", "[-4,0]")+`}`, body8), `tensor "w": data_offsets[0] is -4, not a non-negative integer`},
 		{"offset float", withHeader(`{`+f32("w", "[1]", "[0,4.0]")+`}`, body8), `tensor "w": data_offsets[1] is 4.0`},
 		{"begin after end", withHeader(`{`+f32("w", "[1]", "[8,4]")+`}`, body8), `tensor "w": data_offsets [8, 4]: begin > end`},
-		{"end beyond data", withHeader(`{`+f32("w", "[4]", "[0,16]")+`}`, body8), `tensor "w": data_offsets [0, 16]: end beyond the 8-byte data section`},
-		{"end way beyond", withHeader(`{`+f32("w", "[1]", "[18446744073709551611,18446744073709551615]")+`}`, body8), `tensor "w": data_offsets [18446744073709551611, 18446744073709551615]: end beyond`},
+		{"end beyond data", withHeader(`{`+f32("w", "[4]", "[0,16]")+`}`, body8), `tensor "w": data_offsets [0, 16] reach beyond the 8-byte data section`},
+		{"end way beyond", withHeader(`{`+f32("w", "[1]", "[18446744073709551611,18446744073709551615]")+`}`, body8), `tensor "w": data_offsets [18446744073709551611, 18446744073709551615] reach beyond`},
 		{"byte count mismatch", withHeader(`{`+f32("w", "[1]", "[0,8]")+`}`, body8), `tensor "w": data_offsets [0, 8] hold 8 bytes, but F32[1] needs 4`},
 		{"overlap", withHeader(`{`+f32("a", "[2]", "[0,8]")+`,`+f32("b", "[2]", "[4,12]")+`}`, make([]byte, 12)), `tensor "b": data_offsets [4, 12] overlap tensor "a"`},
 		{"same range", withHeader(`{`+f32("a", "[2]", "[0,8]")+`,`+f32("b", "[2]", "[0,8]")+`}`, body8), `overlap tensor`},
@@ -335,10 +335,10 @@ func TestBF16Decoding(t *testing.T) {
 		{0xc020, -2.5},
 		{0x4780, 65536},
 		{0x477f, 65280},
-		{0x7f7f, 3.3895313892515355e+38},  // largest finite
-		{0x0001, 9.183549615799121e-41},   // smallest subnormal, 2⁻¹³³
-		{0x8040, -5.877471754111438e-39},  // negative subnormal, -2⁻¹²⁷
-		{0x0080, 1.1754943508222875e-38},  // smallest normal, 2⁻¹²⁶
+		{0x7f7f, 3.3895313892515355e+38}, // largest finite
+		{0x0001, 9.183549615799121e-41},  // smallest subnormal, 2⁻¹³³
+		{0x8040, -5.877471754111438e-39}, // negative subnormal, -2⁻¹²⁷
+		{0x0080, 1.1754943508222875e-38}, // smallest normal, 2⁻¹²⁶
 		{0x7f80, float32(math.Inf(1))},
 		{0xff80, float32(math.Inf(-1))},
 	}
