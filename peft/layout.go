@@ -192,7 +192,10 @@ func ScopeToPath(scope string) string {
 // index by Hugging Face naming ("model.layers.3.mlp" → 3), or -1 if there is none.
 func LayerIndex(scopeOrPath string) int {
 	for _, part := range strings.FieldsFunc(scopeOrPath, func(r rune) bool { return r == '/' || r == '.' }) {
-		if n, err := strconv.Atoi(part); err == nil && n >= 0 {
+		if strings.Trim(part, "0123456789") != "" {
+			continue
+		}
+		if n, err := strconv.Atoi(part); err == nil {
 			return n
 		}
 	}

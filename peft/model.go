@@ -35,7 +35,9 @@ type Model struct {
 // the model's variables that have no value yet, lets the method create its own variables, and
 // freezes every variable the method does not train.
 //
-// method may be nil: the model then runs as it is and nothing trains.
+// method may be nil: the model then runs as it is and nothing trains. A method value holds the
+// variables it created, so it belongs to the one model it was applied to: build a new method
+// (with the same Config) for each model.
 func NewModel(backend backends.Backend, ctx *context.Context, fn ModelFn, method Method, example ...shapes.Shape) (*Model, error) {
 	if backend == nil || ctx == nil || fn == nil {
 		return nil, fmt.Errorf("peft.NewModel: backend, ctx and fn must not be nil")
@@ -136,6 +138,9 @@ func (m *Model) Fn() ModelFn {
 // Call runs the model (in inference mode) on inputs and returns its outputs. Graphs are compiled
 // once per input shape and reused.
 func (m *Model) Call(inputs ...*tensors.Tensor) ([]*tensors.Tensor, error) {
+	if len(inputs) == 0 {
+		return nil, fmt.Errorf("peft.Model.Call: no inputs")
+	}
 	m.mu.Lock()
 	exec, found := m.execs[len(inputs)]
 	if !found {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/gomlx/gomlx/pkg/core/tensors"
 
+	"peft/peft/atomicfile"
 	"peft/peft/safetensors"
 )
 
@@ -73,7 +74,7 @@ func (m *Model) Save(dir string) error {
 	if err != nil {
 		return fmt.Errorf("peft.Model.Save: %w", err)
 	}
-	if err := WriteFileAtomic(filepath.Join(dir, ConfigFile), append(saved, '\n')); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, ConfigFile), append(saved, '\n')); err != nil {
 		return fmt.Errorf("peft.Model.Save: %w", err)
 	}
 	return nil
@@ -131,6 +132,10 @@ func (m *Model) Load(dir string) error {
 		return fmt.Errorf("peft.Model.Load: %w", err)
 	}
 	if !jsonEqual(current, saved.Config) {
+		var compact bytes.Buffer
+		if json.Compact(&compact, saved.Config) == nil {
+			saved.Config = compact.Bytes()
+		}
 		return fmt.Errorf("peft.Model.Load: the %s config saved in %s differs from the model's: saved %s, model %s",
 			saved.Method, dir, saved.Config, current)
 	}
@@ -179,26 +184,4 @@ func jsonEqual(a, b []byte) bool {
 	ja, _ := json.Marshal(x)
 	jb, _ := json.Marshal(y)
 	return bytes.Equal(ja, jb)
-}
-
-// WriteFileAtomic writes data to path through a temporary file in the same folder, synced and
-// then renamed into place, so readers see the old file or the new one, never a partial one.
-func WriteFileAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }

@@ -158,15 +158,20 @@ func ValidatePatterns[T any](what string, patterns map[string]T) error {
 // ModulesToSave returns the variables of the base model that belong to the named modules, which a
 // method trains and saves in full besides its own weights (Hugging Face's modules_to_save, e.g.
 // a new classifier head "score"). A name matches a module whose path is the name or ends with "."
-// + name; a name that matches nothing is an error.
+// + name; a name that matches nothing is an error. Each variable is returned once, even when
+// several names match it.
 func ModulesToSave(layout *Layout, names []string) ([]*context.Variable, error) {
 	var selected []*context.Variable
+	seen := map[*context.Variable]bool{}
 	for _, name := range names {
 		found := false
 		for _, v := range layout.BaseVariables {
 			if moduleMatches(ScopeToPath(v.Scope()), name) {
-				selected = append(selected, v)
 				found = true
+				if !seen[v] {
+					seen[v] = true
+					selected = append(selected, v)
+				}
 			}
 		}
 		if !found {

@@ -74,7 +74,7 @@ func (c TrainConfig) withDefaults() (TrainConfig, error) {
 	if c.LearningRate == 0 {
 		c.LearningRate = 1e-3
 	}
-	if c.LearningRate < 0 || math.IsNaN(c.LearningRate) {
+	if !(c.LearningRate > 0) || math.IsInf(c.LearningRate, 0) {
 		return c, fmt.Errorf("peft.TrainConfig: LearningRate must be > 0, got %g", c.LearningRate)
 	}
 	if c.Decay == "" {
@@ -89,10 +89,16 @@ func (c TrainConfig) withDefaults() (TrainConfig, error) {
 	if c.Epsilon == 0 {
 		c.Epsilon = 1e-8
 	}
-	if c.Beta1 < 0 || c.Beta1 >= 1 || c.Beta2 < 0 || c.Beta2 >= 1 {
+	if !(c.Beta1 >= 0 && c.Beta1 < 1 && c.Beta2 >= 0 && c.Beta2 < 1) {
 		return c, fmt.Errorf("peft.TrainConfig: Adam betas must be in [0, 1), got %g, %g", c.Beta1, c.Beta2)
 	}
-	if c.WeightDecay < 0 {
+	if !(c.Epsilon > 0) || math.IsInf(c.Epsilon, 0) {
+		return c, fmt.Errorf("peft.TrainConfig: Epsilon must be > 0 and finite, got %g", c.Epsilon)
+	}
+	if math.IsNaN(c.ClipNorm) {
+		return c, fmt.Errorf("peft.TrainConfig: ClipNorm must be a number, got %g", c.ClipNorm)
+	}
+	if !(c.WeightDecay >= 0) {
 		return c, fmt.Errorf("peft.TrainConfig: WeightDecay must be ≥ 0, got %g", c.WeightDecay)
 	}
 	if c.ClipNorm == 0 {
