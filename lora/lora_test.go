@@ -252,3 +252,12 @@ func TestLoadIntoDifferentShapes(t *testing.T) {
 	require.ErrorContains(t, err, "[32 8]")
 	require.ErrorContains(t, err, "[48 8]")
 }
+
+func TestLoadInFreshProcess(t *testing.T) {
+	newMethod := func() peft.Method { return newLoRA(t, nil) }
+	m := pefttest.NewModel(t, newMethod())
+	if !pefttest.InFreshProcessChild() {
+		pefttest.Train(t, m, 5, 1e-2)
+	}
+	pefttest.CheckLoadInFreshProcess(t, "TestLoadInFreshProcess", m, newMethod)
+}

@@ -6,6 +6,7 @@ package pefttest
 import (
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -223,3 +224,42 @@ func CheckSaveLoad(t *testing.T, newMethod func() peft.Method) {
 		require.Equal(t, otherLogits, Logits(t, other), "a failed load (%s) changed the model", name)
 	}
 }
+
+// freshProcessEnv tells a test binary started by CheckLoadInFreshProcess to act as the child.
+const freshProcessEnv = "PEFT_FRESH_PROCESS_STATE"
+
+// CheckLoadInFreshProcess saves m's method state, starts the test binary again (running only the
+// test named testName, which must call this function too) to rebuild the same base model with
+// newMethod, load the state and write its logits, and checks that they are bit for bit the
+// logits m computes here. It proves a saved state reproduces a model in another process.
+func CheckLoadInFreshProcess(t *testing.T, testName string, m *peft.Model, newMethod func() peft.Method) {
+	t.Helper()
+	if dir := os.Getenv(freshProcessEnv); dir != "" {
+		// Child: load and write the logits' bytes.
+		fresh := NewModel(t, newMethod())
+		require.NoError(t, fresh.Load(dir))
+		out, err := fresh.Call(ToyBatches(1, 99)[0].Inputs...)
+		require.NoError(t, err)
+		require.NoError(t, out[0].ConstBytes(func(data []byte) {
+			require.NoError(t, os.WriteFile(filepath.Join(dir, "logits.bin"), data, 0o644))
+		}))
+		return
+	}
+	dir := t.TempDir()
+	require.NoError(t, m.Save(dir))
+	cmd := exec.Command(os.Args[0], "-test.run=^"+testName+"$", "-test.count=1")
+	cmd.Env = append(os.Environ(), freshProcessEnv+"="+dir)
+	output, err := cmd.CombinedOutput()
+	require.NoError(t, err, "child process: %s", output)
+	got, err := os.ReadFile(filepath.Join(dir, "logits.bin"))
+	require.NoError(t, err, "child process wrote no logits: %s", output)
+	out, err := m.Call(ToyBatches(1, 99)[0].Inputs...)
+	require.NoError(t, err)
+	require.NoError(t, out[0].ConstBytes(func(want []byte) {
+		require.Equal(t, want, got, "logits loaded in a fresh process differ")
+	}))
+}
+
+// InFreshProcessChild reports whether this test binary runs as the child of
+// CheckLoadInFreshProcess (so the test can skip work only the parent needs, such as training).
+func InFreshProcessChild() bool { return os.Getenv(freshProcessEnv) != "" }
