@@ -294,26 +294,16 @@ func (a *Adapter) Bottleneck(path string) int {
 
 // Trainable implements peft.Method: the four variables of every adapter, and the modules to save.
 func (a *Adapter) Trainable(*context.Context) []peft.TrainableVariable {
-	vars := make([]peft.TrainableVariable, 0, 4*len(a.order)+len(a.modules))
+	vars := make([]*context.Variable, 0, 4*len(a.order)+len(a.modules))
 	for _, s := range a.order {
-		for _, v := range []*context.Variable{s.downW, s.downB, s.upW, s.upB} {
-			vars = append(vars, peft.TrainableVariable{Variable: v, LRScale: 1})
-		}
+		vars = append(vars, s.downW, s.downB, s.upW, s.upB)
 	}
-	for _, v := range a.modules {
-		vars = append(vars, peft.TrainableVariable{Variable: v, LRScale: 1})
-	}
-	return vars
+	return peft.TrainAll(append(vars, a.modules...)...)
 }
 
 // State implements peft.Method: what Trainable lists.
 func (a *Adapter) State(ctx *context.Context) []*context.Variable {
-	trainable := a.Trainable(ctx)
-	vars := make([]*context.Variable, len(trainable))
-	for i, tv := range trainable {
-		vars[i] = tv.Variable
-	}
-	return vars
+	return peft.VariablesOf(a.Trainable(ctx))
 }
 
 // SubBlock implements peft.SubBlockHook: output + s·f(output) for the sequential placements,

@@ -190,23 +190,16 @@ func (l *LoRA) Rank(path string) int {
 
 // Trainable implements peft.Method: A and B of every target, and the modules to save.
 func (l *LoRA) Trainable(*context.Context) []peft.TrainableVariable {
-	vars := make([]peft.TrainableVariable, 0, 2*len(l.order)+len(l.modules))
+	vars := make([]*context.Variable, 0, 2*len(l.order)+len(l.modules))
 	for _, t := range l.order {
-		vars = append(vars, peft.TrainableVariable{Variable: t.a, LRScale: 1}, peft.TrainableVariable{Variable: t.b, LRScale: 1})
+		vars = append(vars, t.a, t.b)
 	}
-	for _, v := range l.modules {
-		vars = append(vars, peft.TrainableVariable{Variable: v, LRScale: 1})
-	}
-	return vars
+	return peft.TrainAll(append(vars, l.modules...)...)
 }
 
 // State implements peft.Method: what Trainable lists.
 func (l *LoRA) State(ctx *context.Context) []*context.Variable {
-	vars := make([]*context.Variable, 0, 2*len(l.order))
-	for _, tv := range l.Trainable(ctx) {
-		vars = append(vars, tv.Variable)
-	}
-	return vars
+	return peft.VariablesOf(l.Trainable(ctx))
 }
 
 // Linear implements peft.LinearHook: base output plus s·(dropout(x)·A)·B on target layers.

@@ -101,3 +101,23 @@ type Merger interface {
 	Unmerge(ctx *context.Context) error
 	Merged() bool
 }
+
+// TrainAll lists vars as trainable at the base learning rate (LRScale 1): what most PEFT methods
+// train, their own weights followed by their modules to save.
+func TrainAll(vars ...*context.Variable) []TrainableVariable {
+	tvs := make([]TrainableVariable, len(vars))
+	for i, v := range vars {
+		tvs[i] = TrainableVariable{Variable: v, LRScale: 1}
+	}
+	return tvs
+}
+
+// VariablesOf lists the variables of tvs, in order: the State of methods that save exactly what
+// they train.
+func VariablesOf(tvs []TrainableVariable) []*context.Variable {
+	vars := make([]*context.Variable, len(tvs))
+	for i, tv := range tvs {
+		vars[i] = tv.Variable
+	}
+	return vars
+}

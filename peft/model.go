@@ -186,22 +186,23 @@ func (m *Model) resetExecutors() {
 // Merge folds the method's update into the base weights so inference costs nothing extra.
 // It is an error for methods whose math does not allow it.
 func (m *Model) Merge() error {
-	merger, ok := m.method.(Merger)
-	if !ok {
-		return fmt.Errorf("peft: method %s cannot be merged into the base weights", m.methodName())
-	}
-	defer m.resetExecutors()
-	return catch("peft.Model.Merge", func() error { return merger.Merge(m.ctx) })
+	return m.withMerger("Merge", func(merger Merger) error { return merger.Merge(m.ctx) })
 }
 
 // Unmerge undoes Merge, restoring the base weights exactly.
 func (m *Model) Unmerge() error {
+	return m.withMerger("Unmerge", func(merger Merger) error { return merger.Unmerge(m.ctx) })
+}
+
+// withMerger runs op on the method's Merger and drops the compiled graphs, whose computation
+// changes with it.
+func (m *Model) withMerger(op string, fn func(Merger) error) error {
 	merger, ok := m.method.(Merger)
 	if !ok {
 		return fmt.Errorf("peft: method %s cannot be merged into the base weights", m.methodName())
 	}
 	defer m.resetExecutors()
-	return catch("peft.Model.Unmerge", func() error { return merger.Unmerge(m.ctx) })
+	return catch("peft.Model."+op, func() error { return fn(merger) })
 }
 
 // Merged reports whether the method's update is currently merged into the base weights.

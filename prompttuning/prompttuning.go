@@ -231,20 +231,12 @@ func (p *PromptTuning) PromptEmbeddings() *context.Variable { return p.prompt }
 
 // Trainable implements peft.Method: P and the modules to save.
 func (p *PromptTuning) Trainable(*context.Context) []peft.TrainableVariable {
-	vars := []peft.TrainableVariable{{Variable: p.prompt, LRScale: 1}}
-	for _, v := range p.modules {
-		vars = append(vars, peft.TrainableVariable{Variable: v, LRScale: 1})
-	}
-	return vars
+	return peft.TrainAll(append([]*context.Variable{p.prompt}, p.modules...)...)
 }
 
 // State implements peft.Method: what Trainable lists.
 func (p *PromptTuning) State(ctx *context.Context) []*context.Variable {
-	var vars []*context.Variable
-	for _, tv := range p.Trainable(ctx) {
-		vars = append(vars, tv.Variable)
-	}
-	return vars
+	return peft.VariablesOf(p.Trainable(ctx))
 }
 
 // Inputs implements peft.InputsHook: it prepends the k virtual tokens to every sequence, marks

@@ -2,6 +2,7 @@ package prompttuning_test
 
 import (
 	"math"
+	"slices"
 	"testing"
 
 	"github.com/gomlx/gomlx/pkg/core/graph"
@@ -13,7 +14,6 @@ import (
 
 	"peft/peft"
 	"peft/peft/backend"
-	"peft/peft/llama"
 	"peft/peft/pefttest"
 	"peft/prompttuning"
 )
@@ -34,29 +34,6 @@ func newPT(t testing.TB, mutate func(*prompttuning.Config)) *prompttuning.Prompt
 	p, err := prompttuning.New(cfg)
 	require.NoError(t, err)
 	return p
-}
-
-// newLlama builds the tiny Llama (seed 1) as a classifier (numLabels > 0) or a causal language
-// model (numLabels = 0), with method applied (nil: the base model), traced with [batch, seq] ids.
-func newLlama(t testing.TB, numLabels int, method peft.Method, batch, seq int) *peft.Model {
-	t.Helper()
-	return newLlamaConfig(t, pefttest.Config(), numLabels, method, batch, seq)
-}
-
-// newLlamaConfig is newLlama for another configuration.
-func newLlamaConfig(t testing.TB, cfg llama.Config, numLabels int, method peft.Method, batch, seq int) *peft.Model {
-	t.Helper()
-	b, err := backend.Get()
-	require.NoError(t, err)
-	ctx := context.New()
-	require.NoError(t, llama.Init(ctx, cfg, numLabels, 1))
-	fn := llama.CausalLM(cfg)
-	if numLabels > 0 {
-		fn = llama.Classifier(cfg, numLabels)
-	}
-	m, err := peft.NewModel(b, ctx, fn, method, shapes.Make(dtypes.Int32, batch, seq))
-	require.NoError(t, err)
-	return m
 }
 
 // call runs m on ids (and mask, if not nil), both [batch][seq], returning the first output.
@@ -122,8 +99,8 @@ func TestOutputShapesAndEffect(t *testing.T) {
 	})
 	t.Run("causal lm", func(t *testing.T) {
 		ids := [][]int32{{1, 2, 3, 4, 5, 6}, {7, 8, 9, 10, 11, 12}}
-		base := call(t, newLlama(t, 0, nil, 2, 6), ids, nil)
-		with := call(t, newLlama(t, 0, newPT(t, func(c *prompttuning.Config) { c.ModulesToSave = nil }), 2, 6), ids, nil)
+		base := call(t, pefttest.NewLlama(t, pefttest.Config(), 0, nil, 2, 6), ids, nil)
+		with := call(t, pefttest.NewLlama(t, pefttest.Config(), 0, newPT(t, func(c *prompttuning.Config) { c.ModulesToSave = nil }), 2, 6), ids, nil)
 		require.Equal(t, []int{2, 6, vocab}, with.Shape().Dimensions)
 		require.Equal(t, base.Shape(), with.Shape())
 		require.NotEqual(t, base.Value(), with.Value())
@@ -181,8 +158,8 @@ func TestPrefixTextIdentity(t *testing.T) {
 			s := len(rest[0])
 
 			t.Run("causal lm", func(t *testing.T) {
-				base := newLlama(t, 0, nil, len(rest), tc.k+s)
-				prompted := newLlama(t, 0, method(0), len(rest), s)
+				base := pefttest.NewLlama(t, pefttest.Config(), 0, nil, len(rest), tc.k+s)
+				prompted := pefttest.NewLlama(t, pefttest.Config(), 0, method(0), len(rest), s)
 				leftPadded := [][]int32{{1, 1, 1, 1, 1}, {0, 1, 1, 1, 1}, {0, 0, 1, 1, 1}}
 				for _, mask := range [][][]int32{nil, leftPadded} {
 					var want [][][]float32
@@ -201,8 +178,8 @@ func TestPrefixTextIdentity(t *testing.T) {
 				}
 			})
 			t.Run("classifier", func(t *testing.T) {
-				base := newLlama(t, 2, nil, len(rest), tc.k+s)
-				prompted := newLlama(t, 2, method(2), len(rest), s)
+				base := pefttest.NewLlama(t, pefttest.Config(), 2, nil, len(rest), tc.k+s)
+				prompted := pefttest.NewLlama(t, pefttest.Config(), 2, method(2), len(rest), s)
 				rightPadded := [][]int32{{1, 1, 1, 1, 1}, {1, 1, 1, 0, 0}, {1, 0, 0, 0, 0}}
 				want := call(t, base, full, withMask(rightPadded)).Value().([][]float32)
 				got := call(t, prompted, rest, rightPadded).Value().([][]float32)
@@ -220,7 +197,7 @@ func TestClassifierIgnoresRightPadding(t *testing.T) {
 	ids := [][]int32{{11, 22, 33, 44}, {12, 13, 14, 15}}
 	padded := [][]int32{{11, 22, 33, 44, 0, 0, 0}, {12, 13, 14, 15, 5, 6, 7}}
 	mask := [][]int32{{1, 1, 1, 1, 0, 0, 0}, {1, 1, 1, 1, 0, 0, 0}}
-	m := newLlama(t, 2, newPT(t, func(c *prompttuning.Config) { c.NumVirtualTokens = 6 }), 2, 4)
+	m := pefttest.NewLlama(t, pefttest.Config(), 2, newPT(t, func(c *prompttuning.Config) { c.NumVirtualTokens = 6 }), 2, 4)
 	want := call(t, m, ids, nil).Value().([][]float32)
 	got := call(t, m, padded, mask).Value().([][]float32)
 	for b := range want {
@@ -277,7 +254,7 @@ func TestInitValues(t *testing.T) {
 			cfg := pefttest.Config()
 			cfg.VocabSize = tc.vocab
 			p := newPT(t, func(c *prompttuning.Config) { c.NumVirtualTokens = tc.k; c.Init = prompttuning.InitVocab })
-			m := newLlamaConfig(t, cfg, 2, p, 2, pefttest.Seq)
+			m := pefttest.NewLlama(t, cfg, 2, p, 2, pefttest.Seq)
 			tab, values := table(t, m), prompt(t, p)
 			rows := min(tc.vocab, 5000)
 			seen := map[int]bool{}
@@ -288,7 +265,7 @@ func TestInitValues(t *testing.T) {
 				row := values[i*dim : (i+1)*dim]
 				found := -1
 				for id := range tc.vocab {
-					if slicesEqual(tab[id*dim:(id+1)*dim], row) {
+					if slices.Equal(tab[id*dim:(id+1)*dim], row) {
 						found = id
 					}
 				}
@@ -324,25 +301,13 @@ func TestInitValues(t *testing.T) {
 	})
 }
 
-func slicesEqual(a, b []float32) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
-}
-
 // The gradient reaches the prompt through the attention and the trimming Gather, and it is the
 // right one: it matches central finite differences of a fixed linear function of the language
 // model's logits.
 func TestGradientMatchesFiniteDifferences(t *testing.T) {
 	const k = 4
 	p := newPT(t, func(c *prompttuning.Config) { c.NumVirtualTokens = k; c.ModulesToSave = nil })
-	m := newLlama(t, 0, p, 2, 6)
+	m := pefttest.NewLlama(t, pefttest.Config(), 0, p, 2, 6)
 	weights := tensors.FromFlatDataAndDimensions(peft.Normal(peft.NewRand(3), 2*6*vocab, 1), 2, 6, vocab)
 	fn := m.Fn()
 	exec, err := context.NewExec(m.Backend(), m.Context(), func(ctx *context.Context, ids *graph.Node) []*graph.Node {
@@ -385,7 +350,7 @@ func TestGradientMatchesFiniteDifferences(t *testing.T) {
 // of where it started (7.82 → 1.14 at the time of writing).
 func TestPromptAloneSteersLanguageModel(t *testing.T) {
 	p := newPT(t, func(c *prompttuning.Config) { c.NumVirtualTokens = 8; c.ModulesToSave = nil })
-	m := newLlama(t, 0, p, pefttest.Batch, pefttest.Seq)
+	m := pefttest.NewLlama(t, pefttest.Config(), 0, p, pefttest.Batch, pefttest.Seq)
 	// A random head of standard deviation 0.02 can barely favour any token (its logits stay within
 	// about ±0.6 whatever the hidden state), so give it the scale of a trained one: std 0.5.
 	head := m.Layout().Linear("lm_head").Weights(m.Context())
@@ -545,7 +510,7 @@ func TestModelWithoutTokenEmbedding(t *testing.T) {
 // A sequence longer than the one the model was applied with must still fit with the prompt: the
 // call fails with an error naming the lengths instead of running past the maximum.
 func TestCallTooLong(t *testing.T) {
-	m := newLlama(t, 2, newPT(t, func(c *prompttuning.Config) { c.NumVirtualTokens = 50 }), 2, 8)
+	m := pefttest.NewLlama(t, pefttest.Config(), 2, newPT(t, func(c *prompttuning.Config) { c.NumVirtualTokens = 50 }), 2, 8)
 	ids := make([][]int32, 2)
 	for i := range ids {
 		ids[i] = make([]int32, 20)

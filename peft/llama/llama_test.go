@@ -3,35 +3,16 @@ package llama_test
 import (
 	"testing"
 
-	"github.com/gomlx/gomlx/pkg/core/shapes"
 	"github.com/gomlx/gomlx/pkg/core/tensors"
-	"github.com/gomlx/gomlx/pkg/ml/context"
-	"github.com/gomlx/gopjrt/dtypes"
 	"github.com/stretchr/testify/require"
 
-	"peft/peft"
-	"peft/peft/backend"
 	"peft/peft/llama"
+	"peft/peft/pefttest"
 )
-
-func newModel(t *testing.T, cfg llama.Config, numLabels int, batch, seq int) *peft.Model {
-	t.Helper()
-	b, err := backend.Get()
-	require.NoError(t, err)
-	ctx := context.New()
-	require.NoError(t, llama.Init(ctx, cfg, numLabels, 1))
-	fn := llama.CausalLM(cfg)
-	if numLabels > 0 {
-		fn = llama.Classifier(cfg, numLabels)
-	}
-	m, err := peft.NewModel(b, ctx, fn, nil, shapes.Make(dtypes.Int32, batch, seq))
-	require.NoError(t, err)
-	return m
-}
 
 func TestCausalLMShapesAndCausality(t *testing.T) {
 	cfg := llama.Tiny()
-	m := newModel(t, cfg, 0, 2, 5)
+	m := pefttest.NewLlama(t, cfg, 0, nil, 2, 5)
 	require.Len(t, m.Layout().Linears, 7*cfg.NumLayers+1)
 	require.Len(t, m.Layout().SubBlocks, 2*cfg.NumLayers)
 	require.Equal(t, cfg.NumLayers, m.Layout().NumLayers)

@@ -40,16 +40,33 @@ func NewModel(t testing.TB, method peft.Method) *peft.Model {
 }
 
 func newModel(method peft.Method) (*peft.Model, error) {
+	return newLlama(Config(), 2, method, Batch, Seq)
+}
+
+// NewLlama builds a Llama with cfg (seed 1) in a fresh context, as a classifier (numLabels > 0) or
+// a causal language model (numLabels = 0), with method applied (nil: the base model), traced with
+// [batch, seq] token ids.
+func NewLlama(t testing.TB, cfg llama.Config, numLabels int, method peft.Method, batch, seq int) *peft.Model {
+	t.Helper()
+	m, err := newLlama(cfg, numLabels, method, batch, seq)
+	require.NoError(t, err)
+	return m
+}
+
+func newLlama(cfg llama.Config, numLabels int, method peft.Method, batch, seq int) (*peft.Model, error) {
 	b, err := backend.Get()
 	if err != nil {
 		return nil, err
 	}
 	ctx := context.New()
-	cfg := Config()
-	if err := llama.Init(ctx, cfg, 2, 1); err != nil {
+	if err := llama.Init(ctx, cfg, numLabels, 1); err != nil {
 		return nil, err
 	}
-	return peft.NewModel(b, ctx, llama.Classifier(cfg, 2), method, shapes.Make(dtypes.Int32, Batch, Seq))
+	fn := llama.CausalLM(cfg)
+	if numLabels > 0 {
+		fn = llama.Classifier(cfg, numLabels)
+	}
+	return peft.NewModel(b, ctx, fn, method, shapes.Make(dtypes.Int32, batch, seq))
 }
 
 // NewModelErr is NewModel returning the error, for checks of bad configurations.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -75,7 +76,7 @@ func FuzzParse(f *testing.F) {
 			if !ok {
 				t.Fatalf("tensor %q lost", want.Name)
 			}
-			if got.DType != want.DType || !equalInts(got.Shape, want.Shape) || !bytes.Equal(got.Data, want.Data) {
+			if got.DType != want.DType || !slices.Equal(got.Shape, want.Shape) || !bytes.Equal(got.Data, want.Data) {
 				t.Fatalf("tensor %q changed: %s%v → %s%v", want.Name, want.DType, want.Shape, got.DType, got.Shape)
 			}
 			if _, err := want.NumElements(); err != nil {
@@ -100,18 +101,6 @@ func FuzzParse(f *testing.F) {
 			_, _ = file.Tensors[i].Float32s()
 		}
 	})
-}
-
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // TestFuzzCorpusFiles pins what the checked-in corpus entries exercise: the
