@@ -36,6 +36,10 @@ type Config struct {
 	RMSNormEps       float64 `json:"rms_norm_eps"`
 	RopeTheta        float64 `json:"rope_theta"`
 	TieEmbeddings    bool    `json:"tie_word_embeddings"`
+	// BOSTokenID and EOSTokenID are the ids that begin and end a sequence (generation stops at
+	// EOS). They do not change the model.
+	BOSTokenID int `json:"bos_token_id"`
+	EOSTokenID int `json:"eos_token_id"`
 }
 
 // Tiny is a small configuration for tests and examples: 2 layers, hidden 32, vocabulary 64.

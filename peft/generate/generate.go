@@ -1,0 +1,425 @@
+// Package generate continues token sequences with a causal language model built with peft (such
+// as llama.CausalLM, with or without a fine-tuning method applied): greedy decoding, or sampling
+// with temperature, top-k and top-p (nucleus) filtering from a seeded random source.
+//
+// # One compiled graph
+//
+// GoMLX compiles a new graph for every distinct input shape, so Generate never grows its input one
+// token at a time. It runs the model on a fixed-length buffer of L token ids, L = len(prompt) +
+// MaxNewTokens rounded up to a multiple of 16 (and capped at the maximum length, see
+// Config.MaxLength), with a mask [1, L] that is 1 for the real tokens and 0 for the padding (id 0)
+// after them. The model's causal attention keeps the padding after position t from changing the
+// logits at t, so each step reads the logits at the last real position and writes the chosen id
+// into the buffer: the whole generation runs one compiled graph (the tests check that the ids are
+// those of running the model on the exact, unpadded sequence at every step).
+//
+// # Cost
+//
+// There is no key/value cache: every step recomputes the whole buffer, so a generation costs
+// MaxNewTokens forward passes over L positions (attention O(MaxNewTokens·L²)) instead of one pass
+// over the prompt and one position per new token. That is fine for the small models of this
+// SDK; a model large enough for it to matter needs a cache that this package does not have.
+//
+// # Determinism
+//
+// Greedy decoding (Temperature 0, the default) takes the highest logit, the lowest id among
+// ties. Sampling draws from a random source seeded with Config.Seed (peft.NewRand), one draw per
+// new token, so the same model, prompt, configuration and backend give the same ids. (Two
+// backends may differ in the last bits of the logits and so, rarely, in a pick.)
+//
+// # Stop ids
+//
+// Generation stops right after emitting one of Config.StopIDs (an end-of-sequence id, say), and
+// that id is included in the result, as Hugging Face's generate includes the EOS token in the
+// generated ids.
+//
+// # Prompt tuning
+//
+// Prompt tuning prepends its virtual tokens inside the model, so the model sees k more positions
+// than the buffer holds. When Config.MaxLength is 0, Generate learns the model's maximum length
+// from its layout and subtracts the virtual tokens of a method that reports them (a method with
+// a NumVirtualTokens() int method, as prompttuning.PromptTuning has). An explicit MaxLength is
+// used as given: it must leave room for the virtual tokens, or else the model's own length check
+// fails and Generate returns that error.
+package generate
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"slices"
+
+	"github.com/gomlx/gomlx/pkg/core/tensors"
+	"github.com/gomlx/gopjrt/dtypes"
+
+	"peft/peft"
+)
+
+// bufferMultiple is what the buffer length is rounded up to.
+const bufferMultiple = 16
+
+// Config configures a generation. MaxNewTokens is required; every other field's zero value is a
+// default (greedy decoding, no filtering, no stop ids, the model's own maximum length).
+type Config struct {
+	// MaxNewTokens is the most ids to generate. Must be > 0.
+	MaxNewTokens int
+	// Temperature divides the logits before sampling. 0 (default) decodes greedily; > 0 samples
+	// (any positive value is valid: a tiny one samples like greedy decoding). Must be finite.
+	Temperature float64
+	// TopK, when > 0, samples only among the TopK highest logits (ties broken toward the lower id,
+	// so exactly min(TopK, vocab) ids remain). 0 (default) turns it off. Ignored when greedy.
+	TopK int
+	// TopP, in (0, 1), samples only among the smallest set of highest-probability ids whose
+	// probabilities (after temperature and top-k) sum to at least TopP; at least one id always
+	// remains. 0 (default) or 1 turns it off. Ignored when greedy.
+	TopP float64
+	// Seed seeds the random source of sampling. Unused when greedy.
+	Seed uint64
+	// StopIDs end the generation right after one of them is generated; the stop id is included in
+	// the result. Each must be ≥ 0 and below the vocabulary size.
+	StopIDs []int
+	// MaxLength is the longest token-id sequence the model accepts: prompt plus new ids must fit,
+	// and the padded buffer is never longer. 0 (default) learns it from the model (its layout's
+	// maximum length less the virtual tokens of prompt tuning; no limit if the model has none).
+	// Must be ≥ 0.
+	MaxLength int
+}
+
+// Validate checks the configuration on its own, naming the first field that is wrong. What needs
+// the model (vocabulary, maximum length) is checked by Generate.
+func (c Config) Validate() error {
+	if c.MaxNewTokens <= 0 {
+		return fmt.Errorf("generate: MaxNewTokens must be > 0, got %d", c.MaxNewTokens)
+	}
+	if !(c.Temperature >= 0) || math.IsInf(c.Temperature, 0) {
+		return fmt.Errorf("generate: Temperature must be ≥ 0 and finite (0: greedy), got %g", c.Temperature)
+	}
+	if c.TopK < 0 {
+		return fmt.Errorf("generate: TopK must be ≥ 0 (0: off), got %d", c.TopK)
+	}
+	if !(c.TopP >= 0 && c.TopP <= 1) {
+		return fmt.Errorf("generate: TopP must be in [0, 1] (0 or 1: off), got %g", c.TopP)
+	}
+	if c.MaxLength < 0 {
+		return fmt.Errorf("generate: MaxLength must be ≥ 0 (0: the model's), got %d", c.MaxLength)
+	}
+	for _, id := range c.StopIDs {
+		if id < 0 {
+			return fmt.Errorf("generate: StopIDs: id %d is negative", id)
+		}
+	}
+	return nil
+}
+
+// virtualTokens is implemented by methods that prepend positions inside the model
+// (prompttuning.PromptTuning).
+type virtualTokens interface {
+	NumVirtualTokens() int
+}
+
+// maxLength returns the longest id sequence to run m on: cfg.MaxLength, or else the model's
+// maximum length less the virtual tokens its method adds; 0 for no limit.
+func maxLength(m *peft.Model, cfg Config) int {
+	if cfg.MaxLength > 0 {
+		return cfg.MaxLength
+	}
+	layout := m.Layout()
+	if layout == nil || layout.MaxLength <= 0 {
+		return 0
+	}
+	limit := layout.MaxLength
+	if v, ok := m.Method().(virtualTokens); ok {
+		limit -= v.NumVirtualTokens()
+	}
+	return max(limit, 1)
+}
+
+// inputVocab returns the size of the model's token-embedding table when the layout shows exactly
+// one, else 0 (unknown).
+func inputVocab(m *peft.Model) int {
+	if layout := m.Layout(); layout != nil && len(layout.Embeddings) == 1 {
+		return layout.Embeddings[0].Vocab
+	}
+	return 0
+}
+
+// Generate continues prompt (token ids, a BOS id included if the model expects one) with the
+// causal language model m, whose first output must be the logits [batch, seq, vocab] of inputs
+// (ids [batch, seq] int32, mask [batch, seq] int32). It returns only the new ids: MaxNewTokens of
+// them, or fewer when a stop id (included) ends the generation. See the package documentation
+// for how it runs.
+//
+// Errors (never panics): an invalid cfg, an empty prompt, ids outside the vocabulary, a prompt
+// plus MaxNewTokens longer than the maximum length, a model whose first output is not logits
+// [1, L, vocab], non-finite logits, or any error of the model's own Call.
+func Generate(m *peft.Model, prompt []int, cfg Config) ([]int, error) {
+	if m == nil {
+		return nil, fmt.Errorf("generate: nil model")
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	n := len(prompt)
+	if n == 0 {
+		return nil, fmt.Errorf("generate: empty prompt (give at least one token id, such as BOS)")
+	}
+	embedVocab := inputVocab(m)
+	for i, id := range prompt {
+		if id < 0 || id > math.MaxInt32 {
+			return nil, fmt.Errorf("generate: prompt[%d] = %d is not a token id", i, id)
+		}
+		if embedVocab > 0 && id >= embedVocab {
+			return nil, fmt.Errorf("generate: prompt[%d] = %d is outside the vocabulary [0, %d)", i, id, embedVocab)
+		}
+	}
+	if embedVocab > 0 {
+		for _, id := range cfg.StopIDs {
+			if id >= embedVocab {
+				return nil, fmt.Errorf("generate: stop id %d is outside the vocabulary [0, %d)", id, embedVocab)
+			}
+		}
+	}
+	limit := maxLength(m, cfg)
+	total := n + cfg.MaxNewTokens
+	if limit > 0 && total > limit {
+		return nil, fmt.Errorf("generate: the prompt (%d ids) plus MaxNewTokens (%d) is %d, more than the maximum length %d",
+			n, cfg.MaxNewTokens, total, limit)
+	}
+	length := (total + bufferMultiple - 1) / bufferMultiple * bufferMultiple
+	if limit > 0 && length > limit {
+		length = limit
+	}
+
+	ids := make([]int32, length)
+	mask := make([]int32, length)
+	for i, id := range prompt {
+		ids[i] = int32(id)
+		mask[i] = 1
+	}
+	stop := map[int]bool{}
+	for _, id := range cfg.StopIDs {
+		stop[id] = true
+	}
+	var s *sampler
+	if cfg.Temperature > 0 {
+		s = newSampler(cfg.Temperature, cfg.TopK, cfg.TopP, peft.NewRand(cfg.Seed))
+	}
+	var row []float32
+	generated := make([]int, 0, cfg.MaxNewTokens)
+	for step := range cfg.MaxNewTokens {
+		pos := n + step - 1 // the last real token
+		var err error
+		row, err = logitsAt(m, ids, mask, pos, row)
+		if err != nil {
+			return nil, err
+		}
+		vocab := len(row)
+		if step == 0 {
+			for i, id := range prompt {
+				if id >= vocab {
+					return nil, fmt.Errorf("generate: prompt[%d] = %d is outside the vocabulary [0, %d)", i, id, vocab)
+				}
+			}
+			for _, id := range cfg.StopIDs {
+				if id >= vocab {
+					return nil, fmt.Errorf("generate: stop id %d is outside the vocabulary [0, %d)", id, vocab)
+				}
+			}
+		}
+		if err := checkLogits(row); err != nil {
+			return nil, fmt.Errorf("generate: logits at position %d (new token %d): %w", pos, step, err)
+		}
+		var next int
+		if s == nil {
+			next = argmax(row)
+		} else {
+			next = s.sample(row)
+		}
+		if embedVocab > 0 && next >= embedVocab {
+			return nil, fmt.Errorf("generate: generated id %d is outside the input vocabulary [0, %d)", next, embedVocab)
+		}
+		generated = append(generated, next)
+		if stop[next] {
+			break
+		}
+		ids[n+step] = int32(next)
+		mask[n+step] = 1
+	}
+	return generated, nil
+}
+
+// logitsAt runs m on the buffer and copies the logits at position pos into row (reused when it
+// has the right length).
+func logitsAt(m *peft.Model, ids, mask []int32, pos int, row []float32) ([]float32, error) {
+	length := len(ids)
+	outputs, err := m.Call(tensors.FromFlatDataAndDimensions(ids, 1, length), tensors.FromFlatDataAndDimensions(mask, 1, length))
+	if err != nil {
+		return nil, fmt.Errorf("generate: running the model on [1, %d] ids: %w", length, err)
+	}
+	defer func() {
+		for _, t := range outputs {
+			_ = t.FinalizeAll()
+		}
+	}()
+	if len(outputs) == 0 {
+		return nil, fmt.Errorf("generate: the model returned no outputs")
+	}
+	logits := outputs[0]
+	shape := logits.Shape()
+	if shape.Rank() != 3 || shape.Dim(0) != 1 || shape.Dim(1) != length || shape.Dim(2) <= 0 {
+		return nil, fmt.Errorf("generate: the model's first output is %s; want logits [batch=1, seq=%d, vocab] (a causal language model)",
+			shape, length)
+	}
+	vocab := shape.Dim(2)
+	if len(row) != vocab {
+		row = make([]float32, vocab)
+	}
+	offset := pos * vocab
+	switch logits.DType() {
+	case dtypes.Float32:
+		err = tensors.ConstFlatData(logits, func(flat []float32) { copy(row, flat[offset:offset+vocab]) })
+	case dtypes.Float64:
+		err = tensors.ConstFlatData(logits, func(flat []float64) {
+			for i, v := range flat[offset : offset+vocab] {
+				row[i] = float32(v)
+			}
+		})
+	default:
+		return nil, fmt.Errorf("generate: logits of dtype %s are not supported (want float32 or float64)", logits.DType())
+	}
+	if err != nil {
+		return nil, fmt.Errorf("generate: reading the logits: %w", err)
+	}
+	return row, nil
+}
+
+// checkLogits rejects NaN and +Inf (which make every pick meaningless) and rows with no finite
+// value; -Inf marks an id that can never be picked.
+func checkLogits(row []float32) error {
+	finite := false
+	for i, v := range row {
+		switch {
+		case math.IsNaN(float64(v)) || math.IsInf(float64(v), 1):
+			return fmt.Errorf("id %d has logit %g", i, v)
+		case !math.IsInf(float64(v), -1):
+			finite = true
+		}
+	}
+	if !finite {
+		return fmt.Errorf("every logit is -Inf")
+	}
+	return nil
+}
+
+// argmax returns the index of the largest value, the lowest index among ties.
+func argmax(row []float32) int {
+	best := 0
+	for i, v := range row {
+		if v > row[best] {
+			best = i
+		}
+	}
+	return best
+}
+
+// sampler draws ids from logits with temperature, top-k and top-p, reusing its buffers.
+type sampler struct {
+	temperature float64
+	topK        int
+	topP        float64
+	rng         *rand.Rand
+	probs       []float64
+	order       []int
+}
+
+func newSampler(temperature float64, topK int, topP float64, rng *rand.Rand) *sampler {
+	return &sampler{temperature: temperature, topK: topK, topP: topP, rng: rng}
+}
+
+// sample draws one id from distribution(row), with one draw of the random source.
+func (s *sampler) sample(row []float32) int {
+	probs := s.distribution(row)
+	u := s.rng.Float64()
+	cum, last := 0.0, -1
+	for i, p := range probs {
+		if p == 0 {
+			continue
+		}
+		cum += p
+		last = i
+		if u < cum {
+			return i
+		}
+	}
+	return last // u within rounding of 1
+}
+
+// distribution returns the probabilities sample draws from (normalized, 0 for filtered ids):
+// softmax(row/temperature), then only the topK highest ids (ties toward the lower id), then only
+// the smallest prefix, in that order, whose renormalized probabilities sum to ≥ topP (at least
+// one id), renormalized again. The returned slice is the sampler's buffer.
+func (s *sampler) distribution(row []float32) []float64 {
+	vocab := len(row)
+	if cap(s.probs) < vocab {
+		s.probs = make([]float64, vocab)
+	}
+	probs := s.probs[:vocab]
+	best := float64(row[argmax(row)])
+	total := 0.0
+	for i, v := range row {
+		// (v - best) ≤ 0, so exp never overflows; a tiny temperature sends all but the best to 0.
+		probs[i] = math.Exp((float64(v) - best) / s.temperature)
+		total += probs[i]
+	}
+	topK := s.topK > 0 && s.topK < vocab
+	topP := s.topP > 0 && s.topP < 1
+	if topK || topP {
+		if cap(s.order) < vocab {
+			s.order = make([]int, vocab)
+		}
+		order := s.order[:vocab]
+		for i := range order {
+			order[i] = i
+		}
+		// Highest logit first, lower id first among ties (a stable sort of ids in order).
+		slices.SortStableFunc(order, func(a, b int) int {
+			switch {
+			case row[a] > row[b]:
+				return -1
+			case row[a] < row[b]:
+				return 1
+			}
+			return 0
+		})
+		keep := vocab
+		if topK {
+			keep = s.topK
+			total = 0
+			for _, i := range order[:keep] {
+				total += probs[i]
+			}
+		}
+		if topP {
+			cum, cut := 0.0, keep // rounding may leave cum just below topP·total: keep them all
+			for j, i := range order[:keep] {
+				cum += probs[i]
+				if cum >= s.topP*total {
+					cut = j + 1
+					break
+				}
+			}
+			keep = cut
+		}
+		for _, i := range order[keep:] {
+			probs[i] = 0
+		}
+		total = 0
+		for _, i := range order[:keep] {
+			total += probs[i]
+		}
+	}
+	for i := range probs {
+		probs[i] /= total
+	}
+	return probs
+}
