@@ -134,6 +134,16 @@ func maxLength(m *peft.Model, cfg Config) int {
 	return max(limit, 1)
 }
 
+// bufferLength is the length of the buffer for total ids: total rounded up to a multiple of
+// bufferMultiple, at most limit (if > 0; total ≤ limit).
+func bufferLength(total, limit int) int {
+	length := (total + bufferMultiple - 1) / bufferMultiple * bufferMultiple
+	if limit > 0 && length > limit {
+		length = limit
+	}
+	return length
+}
+
 // inputVocab returns the size of the model's token-embedding table when the layout shows exactly
 // one, else 0 (unknown).
 func inputVocab(m *peft.Model) int {
@@ -185,10 +195,7 @@ func Generate(m *peft.Model, prompt []int, cfg Config) ([]int, error) {
 		return nil, fmt.Errorf("generate: the prompt (%d ids) plus MaxNewTokens (%d) is %d, more than the maximum length %d",
 			n, cfg.MaxNewTokens, total, limit)
 	}
-	length := (total + bufferMultiple - 1) / bufferMultiple * bufferMultiple
-	if limit > 0 && length > limit {
-		length = limit
-	}
+	length := bufferLength(total, limit)
 
 	ids := make([]int32, length)
 	mask := make([]int32, length)

@@ -1,0 +1,63 @@
+package generate_test
+
+import (
+	"fmt"
+	"slices"
+
+	"github.com/gomlx/gomlx/pkg/core/shapes"
+	"github.com/gomlx/gomlx/pkg/ml/context"
+	"github.com/gomlx/gopjrt/dtypes"
+
+	"peft/peft"
+	"peft/peft/backend"
+	"peft/peft/generate"
+	"peft/peft/llama"
+)
+
+// Greedy decoding, a stop id and seeded sampling with a small (untrained) Llama language model.
+// A fine-tuned model (LoRA, adapters, prompt tuning) generates the same way.
+func Example() {
+	b, err := backend.Get()
+	if err != nil {
+		panic(err)
+	}
+	cfg := llama.Tiny()
+	ctx := context.New()
+	if err := llama.Init(ctx, cfg, 0, 1); err != nil { // a language model: numLabels 0
+		panic(err)
+	}
+	m, err := peft.NewModel(b, ctx, llama.CausalLM(cfg), nil, shapes.Make(dtypes.Int32, 1, 16))
+	if err != nil {
+		panic(err)
+	}
+	prompt := []int{1, 11, 13, 15} // token ids, BOS first
+
+	greedy, err := generate.Generate(m, prompt, generate.Config{MaxNewTokens: 8})
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println("greedy:", greedy)
+
+	// Generation stops right after a stop id (an EOS id, say), which is included.
+	stopped, err := generate.Generate(m, prompt, generate.Config{MaxNewTokens: 8, StopIDs: []int{29}})
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println("stop at 29:", stopped)
+
+	// Sampling: the same seed gives the same ids.
+	sample := generate.Config{MaxNewTokens: 8, Temperature: 0.8, TopK: 20, TopP: 0.95, Seed: 42}
+	first, err := generate.Generate(m, prompt, sample)
+	if err != nil {
+		panic(err)
+	}
+	again, err := generate.Generate(m, prompt, sample)
+	if err != nil {
+		panic(err)
+	}
+	fmt.Println("sampled", len(first), "ids; same seed, same ids:", slices.Equal(first, again))
+	// Output:
+	// greedy: [28 61 29 37 49 54 27 59]
+	// stop at 29: [28 61 29]
+	// sampled 8 ids; same seed, same ids: true
+}
