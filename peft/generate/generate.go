@@ -44,6 +44,7 @@
 package generate
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -429,4 +430,45 @@ func (s *sampler) distribution(row []float32) []float64 {
 		probs[i] /= total
 	}
 	return probs
+}
+
+// MeanNLL scores a token sequence with m under teacher forcing: the mean over t of
+// −log p(ids[t+1] | ids[:t+1]) in natural log, computed in float64 from the model's logits. A
+// sequence of fewer than two tokens has nothing to score and gives 0.
+func MeanNLL(m *peft.Model, ids []int) (float64, error) {
+	if m == nil {
+		return 0, errors.New("generate.MeanNLL: nil model")
+	}
+	if len(ids) < 2 {
+		return 0, nil
+	}
+	input := make([]int32, len(ids))
+	for i, id := range ids {
+		input[i] = int32(id)
+	}
+	out, err := m.Call(tensors.FromFlatDataAndDimensions(input, 1, len(ids)))
+	if err != nil {
+		return 0, fmt.Errorf("generate.MeanNLL: %w", err)
+	}
+	logits, ok := out[0].Value().([][][]float32)
+	if !ok || len(logits) != 1 || len(logits[0]) != len(ids) {
+		return 0, fmt.Errorf("generate.MeanNLL: the model's output %s is not [1, %d, vocab] float32 logits", out[0].Shape(), len(ids))
+	}
+	var sum float64
+	for t := 0; t+1 < len(ids); t++ {
+		row := logits[0][t]
+		if ids[t+1] < 0 || ids[t+1] >= len(row) {
+			return 0, fmt.Errorf("generate.MeanNLL: id %d at position %d is outside the vocabulary of %d", ids[t+1], t+1, len(row))
+		}
+		maxLogit := math.Inf(-1)
+		for _, v := range row {
+			maxLogit = math.Max(maxLogit, float64(v))
+		}
+		var z float64
+		for _, v := range row {
+			z += math.Exp(float64(v) - maxLogit)
+		}
+		sum += maxLogit + math.Log(z) - float64(row[ids[t+1]])
+	}
+	return sum / float64(len(ids)-1), nil
 }

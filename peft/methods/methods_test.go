@@ -1,0 +1,63 @@
+package methods_test
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"peft/adapter"
+	"peft/full"
+	"peft/lora"
+	"peft/peft"
+	"peft/peft/methods"
+	"peft/peft/pefttest"
+	"peft/prompttuning"
+)
+
+// Each method saved by one model is rebuilt from its folder alone and loads into a fresh model
+// with the same outputs.
+func TestFromSavedRebuildsEveryMethod(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		new  func() (peft.Method, error)
+	}{
+		{"lora", func() (peft.Method, error) {
+			cfg := lora.DefaultConfig()
+			cfg.Rank, cfg.Alpha = 4, 16
+			return lora.New(cfg)
+		}},
+		{"adapter", func() (peft.Method, error) { return adapter.New(adapter.Houlsby()) }},
+		{"prompt_tuning", func() (peft.Method, error) {
+			cfg := prompttuning.DefaultConfig()
+			cfg.NumVirtualTokens = 3
+			return prompttuning.New(cfg)
+		}},
+		{"full", func() (peft.Method, error) { return full.New(full.Config{LayerDecay: 0.5}) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			method, err := tc.new()
+			require.NoError(t, err)
+			m := pefttest.NewModel(t, method)
+			for _, tv := range m.TrainableVariables() { // make the state differ from a fresh one
+				values, err := peft.Float32s(tv.Variable)
+				require.NoError(t, err)
+				for i := range values {
+					values[i] += 0.01 * float32(i%7)
+				}
+				require.NoError(t, peft.SetFloat32s(tv.Variable, values))
+			}
+			dir := t.TempDir()
+			require.NoError(t, m.Save(dir))
+
+			rebuilt, err := methods.FromSaved(dir)
+			require.NoError(t, err)
+			require.Equal(t, tc.name, rebuilt.Name())
+			require.Equal(t, method.Config(), rebuilt.Config())
+			fresh := pefttest.NewModel(t, rebuilt)
+			require.NoError(t, fresh.Load(dir))
+			require.Equal(t, pefttest.Logits(t, m), pefttest.Logits(t, fresh))
+		})
+	}
+	_, err := methods.FromSaved(t.TempDir())
+	require.ErrorContains(t, err, "no saved method state")
+}
