@@ -2,9 +2,9 @@ package tokenizer
 
 import (
 	"encoding/json"
-	"io/fs"
 	"errors"
 	"fmt"
+	"io/fs"
 	"math/rand"
 	"os"
 	"path/filepath"
