@@ -568,3 +568,7 @@ func TestLoadOtherPlacement(t *testing.T) {
 	other := pefttest.NewModel(t, newAdapter(t, adapter.PlacementHoulsby, nil))
 	require.ErrorContains(t, other.Load(dir), "differs from the model's")
 }
+
+func TestLoadInFreshProcess(t *testing.T) {
+	pefttest.CheckLoadInFreshProcess(t, "TestLoadInFreshProcess", func() peft.Method { return newAdapter(t, adapter.PlacementHoulsby, nil) })
+}

@@ -55,7 +55,8 @@ import (
 // variable <scope>/<name> is /<AnchorScope><scope>/<name>.
 const AnchorScope = "full_l2sp"
 
-// Config configures full fine-tuning. Start from DefaultConfig.
+// Config configures full fine-tuning. Start from DefaultConfig: the defaults named below are its
+// values.
 type Config struct {
 	// LayerDecay is the layer-wise learning-rate decay: a variable at depth d of a model with L
 	// blocks trains at lr·LayerDecay^(L−d). Default 1 (off). Must be in (0, 1].

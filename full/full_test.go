@@ -373,3 +373,7 @@ func TestBadConfig(t *testing.T) {
 		})
 	}
 }
+
+func TestLoadInFreshProcess(t *testing.T) {
+	pefttest.CheckLoadInFreshProcess(t, "TestLoadInFreshProcess", func() peft.Method { return newFull(t, nil) })
+}

@@ -31,7 +31,8 @@ const (
 	InitGaussian = "gaussian"
 )
 
-// Config configures LoRA. Start from DefaultConfig.
+// Config configures LoRA. Start from DefaultConfig: the defaults named below are its values,
+// and New rejects a zero Rank or Alpha rather than guessing.
 type Config struct {
 	// Rank r of the update. Default 8. Must be > 0.
 	Rank int `json:"r"`
@@ -221,29 +222,39 @@ func (l *LoRA) Merge(ctx *context.Context) error {
 	if l.merged {
 		return fmt.Errorf("lora: already merged")
 	}
-	for _, t := range l.order {
+	// Compute every merged weight before changing any, so a failure leaves the model unmerged.
+	merged := make([][]float32, len(l.order))
+	originals := make([]*tensors.Tensor, len(l.order))
+	for i, t := range l.order {
 		w := t.layer.Weights(ctx)
-		original, err := w.Value()
+		value, err := w.Value()
 		if err != nil {
 			return err
 		}
-		base, err := peft.Float32s(w)
-		if err != nil {
+		if originals[i], err = value.Clone(); err != nil {
+			return err
+		}
+		if merged[i], err = peft.Float32s(w); err != nil {
 			return err
 		}
 		delta, err := l.delta(t)
 		if err != nil {
 			return err
 		}
-		for i := range base {
-			base[i] += delta[i]
+		for k := range merged[i] {
+			merged[i][k] += delta[k]
 		}
-		if t.original, err = original.Clone(); err != nil {
+	}
+	for i, t := range l.order {
+		if err := peft.SetFloat32s(t.layer.Weights(ctx), merged[i]); err != nil {
+			for k := range i { // put back what was already changed
+				_ = l.order[k].layer.Weights(ctx).SetValue(originals[k])
+			}
 			return err
 		}
-		if err := peft.SetFloat32s(w, base); err != nil {
-			return err
-		}
+	}
+	for i, t := range l.order {
+		t.original = originals[i]
 	}
 	l.merged = true
 	return nil

@@ -67,10 +67,6 @@ func (h *headMethod) Init(_ *context.Context, layout *peft.Layout) error {
 	return err
 }
 func (h *headMethod) Trainable(*context.Context) []peft.TrainableVariable {
-	tvs := make([]peft.TrainableVariable, len(h.vars))
-	for i, v := range h.vars {
-		tvs[i] = peft.TrainableVariable{Variable: v, LRScale: 1}
-	}
-	return tvs
+	return peft.TrainAll(h.vars...)
 }
 func (h *headMethod) State(*context.Context) []*context.Variable { return h.vars }

@@ -50,9 +50,10 @@ type TrainableVariable struct {
 
 // LinearHook is implemented by methods that change linear layers (LoRA, DoRA, QLoRA).
 type LinearHook interface {
-	// Linear returns the output of layer for input x. The method computes the base output with
-	// layer.Base(x) (or its own replacement of the weight) and adds its update. It is called only
-	// for layers the method selected in Init; others compute layer.Base(x) directly.
+	// Linear returns the output of layer for input x. It is called for every linear layer of the
+	// model: the method computes the base output with layer.Base (or its own replacement of the
+	// weight) and adds its update on the layers it selected in Init, returning layer.Base's
+	// output unchanged on the others.
 	Linear(ctx *context.Context, layer *LinearLayer, x *graph.Node) *graph.Node
 }
 

@@ -28,6 +28,9 @@ type Model struct {
 
 	mu    sync.Mutex
 	execs map[int]*context.Exec // inference executors by number of inputs
+	// graphVersion changes whenever what the model's graphs compute changes (merge, unmerge), so
+	// that trainers know to rebuild theirs.
+	graphVersion int
 }
 
 // NewModel applies method to the model fn whose variables live in ctx. It builds fn's graph once
@@ -96,13 +99,17 @@ func traceLayout(backend backends.Backend, ctx *context.Context, fn ModelFn, exa
 		}
 		ctx.SetGraphParam(g, graphParamActive, &active{trace: layout})
 		fn(ctx.Checked(false), nil, inputs)
+		// The model's variables are those its graph reads: not an optimizer's moments, a
+		// trainer's metrics or another method's weights that the context may also hold.
+		for v := range ctx.IterVariables() {
+			if v.InUseByGraph(g) {
+				layout.BaseVariables = append(layout.BaseVariables, v)
+			}
+		}
 		return nil
 	})
 	if err != nil {
 		return nil, err
-	}
-	for v := range ctx.IterVariables() {
-		layout.BaseVariables = append(layout.BaseVariables, v)
 	}
 	return layout, nil
 }
@@ -120,7 +127,8 @@ func (m *Model) Method() Method { return m.method }
 func (m *Model) Layout() *Layout { return m.layout }
 
 // Fn returns the model function with the method applied: pass it to GoMLX's trainer or executors
-// to run the model with the method.
+// to run the model with the method. Graphs built from it before Merge or Unmerge compute the old
+// model afterwards: rebuild them (Trainer and Call do this by themselves).
 func (m *Model) Fn() ModelFn {
 	return func(ctx *context.Context, spec any, inputs []*graph.Node) []*graph.Node {
 		g := inputs[0].Graph()
@@ -136,7 +144,8 @@ func (m *Model) Fn() ModelFn {
 }
 
 // Call runs the model (in inference mode) on inputs and returns its outputs. Graphs are compiled
-// once per input shape and reused.
+// once per input shape and reused. Calls may run concurrently with each other, but not with
+// Merge, Unmerge, Load or training, which change the variables a call reads.
 func (m *Model) Call(inputs ...*tensors.Tensor) ([]*tensors.Tensor, error) {
 	if len(inputs) == 0 {
 		return nil, fmt.Errorf("peft.Model.Call: no inputs")
@@ -202,6 +211,9 @@ func (m *Model) withMerger(op string, fn func(Merger) error) error {
 		return fmt.Errorf("peft: method %s cannot be merged into the base weights", m.methodName())
 	}
 	defer m.resetExecutors()
+	m.mu.Lock()
+	m.graphVersion++
+	m.mu.Unlock()
 	return catch("peft.Model."+op, func() error { return fn(merger) })
 }
 

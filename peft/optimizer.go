@@ -82,8 +82,8 @@ func (s Schedule) FactorGraph(step *graph.Node) *graph.Node {
 // implements GoMLX's optimizers.Interface, and updates exactly the variables it is given, so the
 // trainer's own variables are never swept in.
 //
-// A step whose loss or gradient norm is not finite changes nothing (the trainer then stops with
-// an error that names the step).
+// A step whose loss or gradient norm is not finite changes nothing and is counted (the trainer
+// then stops with an error that names the step).
 type AdamW struct {
 	LearningRate float64
 	Beta1, Beta2 float64
@@ -101,6 +101,10 @@ type AdamW struct {
 
 // optimizerScope holds the optimizer's moments, apart from the model's variables.
 const optimizerScope = "peft_adamw"
+
+// skippedStepsName is the optimizer's int64 count of steps it skipped because the loss or the
+// gradient norm was not finite; the trainer stops when it grows.
+const skippedStepsName = "skipped_steps"
 
 // UpdateGraph builds the training update for loss. It implements optimizers.Interface.
 func (o *AdamW) UpdateGraph(ctx *context.Context, g *graph.Graph, loss *graph.Node) {
@@ -135,6 +139,10 @@ func (o *AdamW) UpdateGraph(ctx *context.Context, g *graph.Graph, loss *graph.No
 		clipScale = graph.Min(clipScale, graph.Div(graph.Scalar(g, dtypes.Float32, o.ClipNorm), graph.AddScalar(norm, 1e-6)))
 	}
 	finite := graph.LogicalAnd(graph.IsFinite(f32(loss)), graph.IsFinite(norm))
+	skippedVar := ctx.InAbsPath(context.ScopeSeparator+optimizerScope).Checked(false).
+		VariableWithValue(skippedStepsName, int64(0)).SetTrainable(false)
+	skipped := skippedVar.ValueGraph(g)
+	skippedVar.SetValueGraph(graph.Where(finite, skipped, graph.OnePlus(skipped)))
 
 	step := optimizers.IncrementGlobalStepGraph(ctx, g, dtypes.Float32)
 	lr := graph.MulScalar(o.Schedule.FactorGraph(step), o.LearningRate)
@@ -176,7 +184,9 @@ func (o *AdamW) Clear(ctx *context.Context) error {
 func OptimizerStateBytes(ctx *context.Context) int64 {
 	var total int64
 	for v := range ctx.InAbsPath(context.ScopeSeparator + optimizerScope).IterVariablesInScope() {
-		total += int64(v.Shape().Memory())
+		if v.Name() != skippedStepsName {
+			total += int64(v.Shape().Memory())
+		}
 	}
 	return total
 }

@@ -2,6 +2,8 @@ package peft
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -32,6 +34,9 @@ type savedConfig struct {
 	Method        string          `json:"method"`
 	Config        json.RawMessage `json:"config"`
 	Tensors       int             `json:"tensors"`
+	// StateSHA256 is the hash of StateFile: Load refuses tensors that are not the ones this
+	// configuration was saved with (a save interrupted between the two files).
+	StateSHA256 string `json:"state_sha256"`
 }
 
 // Save writes exactly the method's own state (its State variables) and its configuration to the
@@ -65,11 +70,17 @@ func (m *Model) Save(dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("peft.Model.Save: %w", err)
 	}
-	if err := safetensors.Write(filepath.Join(dir, StateFile), tensorsOut, map[string]string{"method": m.method.Name()}); err != nil {
+	state, err := safetensors.Encode(tensorsOut, map[string]string{"method": m.method.Name()})
+	if err != nil {
 		return fmt.Errorf("peft.Model.Save: %w", err)
 	}
+	if err := atomicfile.Write(filepath.Join(dir, StateFile), state); err != nil {
+		return fmt.Errorf("peft.Model.Save: %w", err)
+	}
+	hash := sha256.Sum256(state)
 	saved, err := json.MarshalIndent(savedConfig{
 		FormatVersion: stateFormatVersion, Method: m.method.Name(), Config: cfgJSON, Tensors: len(tensorsOut),
+		StateSHA256: hex.EncodeToString(hash[:]),
 	}, "", "  ")
 	if err != nil {
 		return fmt.Errorf("peft.Model.Save: %w", err)
@@ -139,9 +150,18 @@ func (m *Model) Load(dir string) error {
 		return fmt.Errorf("peft.Model.Load: the %s config saved in %s differs from the model's: saved %s, model %s",
 			saved.Method, dir, saved.Config, current)
 	}
-	file, err := safetensors.Read(filepath.Join(dir, StateFile))
+	statePath := filepath.Join(dir, StateFile)
+	state, err := os.ReadFile(statePath)
 	if err != nil {
 		return fmt.Errorf("peft.Model.Load: %w", err)
+	}
+	if hash := sha256.Sum256(state); hex.EncodeToString(hash[:]) != saved.StateSHA256 {
+		return fmt.Errorf("peft.Model.Load: %s is not the state %s was saved with (its SHA-256 differs: a damaged file or an interrupted save)",
+			statePath, ConfigFile)
+	}
+	file, err := safetensors.Parse(state)
+	if err != nil {
+		return fmt.Errorf("peft.Model.Load: %s: %w", statePath, err)
 	}
 	vars := m.method.State(m.ctx)
 	if len(file.Tensors) != len(vars) || saved.Tensors != len(vars) {

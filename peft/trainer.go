@@ -10,8 +10,10 @@ import (
 	"time"
 
 	"github.com/gomlx/gomlx/pkg/core/tensors"
+	"github.com/gomlx/gomlx/pkg/ml/context"
 	"github.com/gomlx/gomlx/pkg/ml/train"
 	"github.com/gomlx/gomlx/pkg/ml/train/metrics"
+	"github.com/gomlx/gomlx/pkg/ml/train/optimizers"
 	"github.com/gomlx/gomlx/ui/commandline"
 
 	"peft/peft/gemmgrad"
@@ -121,13 +123,45 @@ func (c TrainConfig) schedule() Schedule {
 }
 
 // Trainer trains a Model's method with GoMLX's training loop and our AdamW.
+//
+// Steps count from the model's first training step: a second Trainer on the same model continues
+// its step count, schedule and optimizer state (to resume), and Train with Steps already reached
+// is an error.
 type Trainer struct {
-	model   *Model
-	cfg     TrainConfig
-	trainer *train.Trainer
-	loop    *train.Loop
-	losses  []float64
-	stepDur []time.Duration
+	model        *Model
+	graphVersion int // the model's graph version the trainer's graphs were built for
+	cfg          TrainConfig
+	trainer      *train.Trainer
+	loop         *train.Loop
+	losses       []float64
+	stepDur      []time.Duration
+	skipped      int64 // steps the optimizer skipped for a non-finite gradient, as last seen
+}
+
+// skippedSteps reads the optimizer's count of skipped steps.
+func (t *Trainer) skippedSteps() int64 {
+	v := t.model.ctx.GetVariableByScopeAndName(context.ScopeSeparator+optimizerScope, skippedStepsName)
+	if v == nil {
+		return 0
+	}
+	value, err := v.Value()
+	if err != nil {
+		return 0
+	}
+	n, _ := value.Value().(int64)
+	return n
+}
+
+// syncGraphs drops the trainer's compiled graphs if the model was merged or unmerged since they
+// were built: they would compute the old model.
+func (t *Trainer) syncGraphs() {
+	t.model.mu.Lock()
+	version := t.model.graphVersion
+	t.model.mu.Unlock()
+	if version != t.graphVersion {
+		t.trainer.ResetComputationGraphs()
+		t.graphVersion = version
+	}
 }
 
 // NewTrainer prepares to train model's method with cfg.
@@ -141,11 +175,20 @@ func NewTrainer(model *Model, cfg TrainConfig) (*Trainer, error) {
 	if err != nil {
 		return nil, err
 	}
+	if model == nil {
+		return nil, errors.New("peft.NewTrainer: nil model")
+	}
 	if model.method == nil {
 		return nil, fmt.Errorf("peft.NewTrainer: the model has no method: nothing to train")
 	}
 	if len(model.TrainableVariables()) == 0 {
 		return nil, fmt.Errorf("peft.NewTrainer: method %s has no trainable variables", model.method.Name())
+	}
+	for _, tv := range model.TrainableVariables() {
+		if !(tv.LRScale > 0) || math.IsInf(tv.LRScale, 0) {
+			return nil, fmt.Errorf("peft.NewTrainer: method %s gives %s a learning-rate multiplier of %g; it must be > 0 and finite",
+				model.method.Name(), tv.Variable.ScopeAndName(), tv.LRScale)
+		}
 	}
 	opt := &AdamW{
 		LearningRate: cfg.LearningRate, Beta1: cfg.Beta1, Beta2: cfg.Beta2, Epsilon: cfg.Epsilon,
@@ -159,7 +202,7 @@ func NewTrainer(model *Model, cfg TrainConfig) (*Trainer, error) {
 	if cfg.Accuracy {
 		evalMetrics = append(evalMetrics, metrics.NewSparseCategoricalAccuracy("Accuracy", "acc"))
 	}
-	t := &Trainer{model: model, cfg: cfg}
+	t := &Trainer{model: model, cfg: cfg, graphVersion: model.graphVersion}
 	err = catch("peft.NewTrainer", func() error {
 		t.trainer = train.NewTrainer(model.backend, model.ctx, model.Fn(), cfg.Loss, opt, nil, evalMetrics)
 		t.loop = train.NewLoop(t.trainer)
@@ -197,7 +240,16 @@ func (t *Trainer) attachProgress() {
 		if math.IsNaN(loss) || math.IsInf(loss, 0) {
 			return fmt.Errorf("training stopped at step %d: the loss is %v (the step was not applied)", step, loss)
 		}
+		if skipped := t.skippedSteps(); skipped > t.skipped {
+			t.skipped = skipped
+			return fmt.Errorf("training stopped at step %d: the gradient norm is not finite (the step was not applied)", step)
+		}
 		t.losses = append(t.losses, loss)
+		if hook, ok := t.model.method.(StepHook); ok {
+			if err := hook.AfterStep(t.model.ctx, step); err != nil {
+				return fmt.Errorf("step %d: %s: %w", step, t.model.method.Name(), err)
+			}
+		}
 		if mode == ProgressLines && (step%t.cfg.LogEvery == 0 || step == t.cfg.Steps) {
 			_, _ = fmt.Fprintf(t.cfg.Output, "%s step %d/%d  loss %.4f\n", t.model.methodName(), step, t.cfg.Steps, loss)
 		}
@@ -224,11 +276,15 @@ func (t *Trainer) Train(ds train.Dataset) ([]float64, error) {
 	if t.model.Merged() {
 		return nil, ErrMerged
 	}
+	t.syncGraphs()
+	if step := optimizers.GetGlobalStep(t.model.ctx); step >= int64(t.cfg.Steps) {
+		return nil, fmt.Errorf("peft.Trainer.Train: the model is already at step %d of Steps %d: raise Steps to train more", step, t.cfg.Steps)
+	}
 	err := catch("peft.Trainer.Train", func() error {
 		_, err := t.loop.RunToGlobalStep(ds, t.cfg.Steps)
 		return err
 	})
-	return t.losses, err
+	return slices.Clone(t.losses), err
 }
 
 // TrainSteps runs n more steps on ds, past TrainConfig.Steps if need be (the schedule then
@@ -238,15 +294,16 @@ func (t *Trainer) TrainSteps(ds train.Dataset, n int) ([]float64, error) {
 	if t.model.Merged() {
 		return nil, ErrMerged
 	}
+	t.syncGraphs()
 	err := catch("peft.Trainer.TrainSteps", func() error {
 		_, err := t.loop.RunSteps(ds, n)
 		return err
 	})
-	return t.losses, err
+	return slices.Clone(t.losses), err
 }
 
 // Losses returns the training loss of each step taken so far.
-func (t *Trainer) Losses() []float64 { return t.losses }
+func (t *Trainer) Losses() []float64 { return slices.Clone(t.losses) }
 
 // MedianStepTime is the median wall time of a training step so far (the first, which compiles
 // the graph, excluded).
@@ -267,9 +324,14 @@ type EvalResult struct {
 	Accuracy float64
 }
 
-// Evaluate runs ds once (it must end with io.EOF) and returns the mean loss and accuracy.
+// Evaluate runs ds once (it must end with io.EOF) and returns the mean loss and accuracy. It
+// evaluates the model as it is now, merged or not.
 func (t *Trainer) Evaluate(ds train.Dataset) (EvalResult, error) {
 	result := EvalResult{Loss: math.NaN(), Accuracy: math.NaN()}
+	if d, ok := ds.(*Dataset); ok && d.loop {
+		return result, fmt.Errorf("peft.Trainer.Evaluate: dataset %q loops forever; evaluate on one made with loop=false", d.name)
+	}
+	t.syncGraphs()
 	err := catch("peft.Trainer.Evaluate", func() error {
 		ds.Reset()
 		values, err := t.trainer.Eval(ds)

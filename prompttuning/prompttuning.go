@@ -63,7 +63,8 @@ const Scope = "/prompt_tuning"
 // names the saved tensor.
 const VariableName = "prompt_embeddings"
 
-// Config configures prompt tuning. Start from DefaultConfig.
+// Config configures prompt tuning. Start from DefaultConfig: the defaults named below are its
+// values.
 type Config struct {
 	// NumVirtualTokens is k, the number of virtual tokens prepended to every sequence. Default 20:
 	// the paper finds gains level off beyond 20 tokens, and our PyTorch peer benchmark

@@ -521,3 +521,7 @@ func TestCallTooLong(t *testing.T) {
 	_, err = m.Call(tensors.FromValue([][]int32{make([]int32, 8), make([]int32, 8)}))
 	require.NoError(t, err)
 }
+
+func TestLoadInFreshProcess(t *testing.T) {
+	pefttest.CheckLoadInFreshProcess(t, "TestLoadInFreshProcess", func() peft.Method { return newPT(t, nil) })
+}

@@ -19,13 +19,14 @@
 // The rules are installed into [graph.VJPRegistration], GoMLX's global table
 // of gradient rules, so they affect every gradient built in the process after
 // [Enable] is called, by any package. The package does not enable itself on
-// import: the project's core package calls [EnableFromEnv] once when it sets
-// up its backend.
+// import: the core package's peft.NewTrainer calls [EnableFromEnv], before it
+// builds any training graph. Build no gradient graph in another goroutine while
+// a trainer is being created: GoMLX reads the table without a lock.
 //
 // # Turning it off
 //
 // Set the environment variable PEFT_GEMM_GRADIENTS=0 (or "false"/"off")
-// before the backend is set up, or call [Disable] to restore the rules that
+// before the first trainer is created, or call [Disable] to restore the rules that
 // were installed before [Enable] (normally GoMLX's stock rules).
 //
 // # Concurrency

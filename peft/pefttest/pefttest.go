@@ -245,11 +245,12 @@ func CheckSaveLoad(t *testing.T, newMethod func() peft.Method) {
 // freshProcessEnv tells a test binary started by CheckLoadInFreshProcess to act as the child.
 const freshProcessEnv = "PEFT_FRESH_PROCESS_STATE"
 
-// CheckLoadInFreshProcess saves m's method state, starts the test binary again (running only the
-// test named testName, which must call this function too) to rebuild the same base model with
-// newMethod, load the state and write its logits, and checks that they are bit for bit the
-// logits m computes here. It proves a saved state reproduces a model in another process.
-func CheckLoadInFreshProcess(t *testing.T, testName string, m *peft.Model, newMethod func() peft.Method) {
+// CheckLoadInFreshProcess trains the method a few steps on the tiny model and saves it, starts
+// the test binary again (running only the test named testName, which must call this function
+// too) to rebuild the same base model with newMethod, load the state and write its logits, and
+// checks that they are bit for bit the logits computed here: a saved state reproduces the model
+// in another process.
+func CheckLoadInFreshProcess(t *testing.T, testName string, newMethod func() peft.Method) {
 	t.Helper()
 	if dir := os.Getenv(freshProcessEnv); dir != "" {
 		// Child: load and write the logits' bytes.
@@ -262,6 +263,8 @@ func CheckLoadInFreshProcess(t *testing.T, testName string, m *peft.Model, newMe
 		}))
 		return
 	}
+	m := NewModel(t, newMethod())
+	Train(t, m, 5, 1e-2)
 	dir := t.TempDir()
 	require.NoError(t, m.Save(dir))
 	cmd := exec.Command(os.Args[0], "-test.run=^"+testName+"$", "-test.count=1")
@@ -276,7 +279,3 @@ func CheckLoadInFreshProcess(t *testing.T, testName string, m *peft.Model, newMe
 		require.Equal(t, want, got, "logits loaded in a fresh process differ")
 	}))
 }
-
-// InFreshProcessChild reports whether this test binary runs as the child of
-// CheckLoadInFreshProcess (so the test can skip work only the parent needs, such as training).
-func InFreshProcessChild() bool { return os.Getenv(freshProcessEnv) != "" }
