@@ -10,8 +10,10 @@ import (
 	"peft/adapter"
 	"peft/full"
 	"peft/lora"
+	"peft/lora/adalora"
 	"peft/peft"
 	"peft/prompttuning"
+	"peft/qlora"
 )
 
 // constructors builds each method from the configuration saved in a folder.
@@ -20,6 +22,8 @@ var constructors = map[string]func(dir string) (peft.Method, error){
 	"adapter":       fromConfig(adapter.New),
 	"prompt_tuning": fromConfig(prompttuning.New),
 	"full":          fromConfig(full.New),
+	"qlora":         fromConfig(qlora.New),
+	"adalora":       fromConfig(adalora.New),
 }
 
 // fromConfig returns a constructor that decodes the saved configuration into C and calls newFn.

@@ -8,10 +8,12 @@ import (
 	"peft/adapter"
 	"peft/full"
 	"peft/lora"
+	"peft/lora/adalora"
 	"peft/peft"
 	"peft/peft/methods"
 	"peft/peft/pefttest"
 	"peft/prompttuning"
+	"peft/qlora"
 )
 
 // Each method saved by one model is rebuilt from its folder alone and loads into a fresh model
@@ -33,6 +35,16 @@ func TestFromSavedRebuildsEveryMethod(t *testing.T) {
 			return prompttuning.New(cfg)
 		}},
 		{"full", func() (peft.Method, error) { return full.New(full.Config{LayerDecay: 0.5}) }},
+		{"qlora", func() (peft.Method, error) {
+			cfg := qlora.DefaultConfig()
+			cfg.Rank, cfg.Alpha, cfg.QuantType, cfg.BlockSize = 4, 16, "fp4", 32
+			return qlora.New(cfg)
+		}},
+		{"adalora", func() (peft.Method, error) {
+			cfg := adalora.DefaultConfig()
+			cfg.InitRank, cfg.TargetRank, cfg.TotalSteps, cfg.TFinal = 6, 4, 100, 10
+			return adalora.New(cfg)
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			method, err := tc.new()
