@@ -71,7 +71,7 @@ func run(steps, pretrainSteps int, methodList string, verbose bool) error {
 		if wanted != nil && !slices.Contains(wanted, c.Name) {
 			continue
 		}
-		method, err := c.New()
+		method, err := c.New(steps)
 		if err != nil {
 			return err
 		}

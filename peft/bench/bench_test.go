@@ -68,13 +68,13 @@ func BenchmarkTrainStep(b *testing.B) {
 		b.Run(c.Name, func(b *testing.B) {
 			q := quality[c.Name]
 			if q == nil {
-				method, err := c.New()
+				method, err := c.New(qualitySteps)
 				require.NoError(b, err)
 				q, err = s.FineTune(c.Name, method, qualitySteps, c.LearningRate, peft.ProgressOff, nil)
 				require.NoError(b, err)
 				quality[c.Name] = q
 			}
-			method, err := c.New()
+			method, err := c.New(qualitySteps)
 			require.NoError(b, err)
 			m, err := s.NewClassifier(method)
 			require.NoError(b, err)
@@ -126,7 +126,7 @@ func BenchmarkInference(b *testing.B) {
 			var method peft.Method
 			for _, c := range experiment.Candidates() {
 				if c.Name == tc.cand {
-					method, err = c.New()
+					method, err = c.New(qualitySteps)
 					require.NoError(b, err)
 				}
 			}

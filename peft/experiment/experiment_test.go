@@ -29,7 +29,7 @@ func TestCandidatesRunEndToEnd(t *testing.T) {
 
 	var results []*experiment.Result
 	for _, c := range experiment.Candidates() {
-		method, err := c.New()
+		method, err := c.New(5)
 		require.NoError(t, err)
 		r, err := setup.FineTune(c.Name, method, 5, c.LearningRate, peft.ProgressOff, nil)
 		require.NoError(t, err, c.Name)

@@ -4,6 +4,7 @@ import (
 	"peft/adapter"
 	"peft/full"
 	"peft/lora"
+	"peft/lora/adalora"
 	"peft/peft"
 	"peft/prompttuning"
 )
@@ -11,9 +12,20 @@ import (
 // Candidate is a fine-tuning method as the comparison runs it: a name, a constructor and the
 // learning rate it trains at.
 type Candidate struct {
-	Name         string
-	New          func() (peft.Method, error)
+	Name string
+	// New builds the method for a run of steps training steps (AdaLoRA's rank schedule needs the
+	// total; the other methods ignore it).
+	New          func(steps int) (peft.Method, error)
 	LearningRate float64
+}
+
+// newAdaLoRA is AdaLoRA from rank 12 down to LoRA's rank 8 on the same targets, with the rank
+// budget held for the first tenth of the run and frozen for the last fifth.
+func newAdaLoRA(steps int, targets peft.Targets, modules []string) (peft.Method, error) {
+	cfg := adalora.DefaultConfig()
+	cfg.TotalSteps, cfg.TInit, cfg.TFinal = steps, steps/10, steps/5
+	cfg.TargetModules, cfg.ModulesToSave = targets, modules
+	return adalora.New(cfg)
 }
 
 // Candidates are the methods the example and the benchmarks compare, each with the new
@@ -22,31 +34,34 @@ type Candidate struct {
 func Candidates() []Candidate {
 	head := []string{"score"}
 	return []Candidate{
-		{Name: "full", LearningRate: 1e-3, New: func() (peft.Method, error) {
+		{Name: "full", LearningRate: 1e-3, New: func(int) (peft.Method, error) {
 			return full.New(full.DefaultConfig())
 		}},
-		{Name: "lora", LearningRate: 1e-2, New: func() (peft.Method, error) {
+		{Name: "lora", LearningRate: 1e-2, New: func(int) (peft.Method, error) {
 			cfg := lora.DefaultConfig()
 			cfg.ModulesToSave = head
 			return lora.New(cfg)
 		}},
-		{Name: "lora-all-linear", LearningRate: 1e-2, New: func() (peft.Method, error) {
+		{Name: "lora-all-linear", LearningRate: 1e-2, New: func(int) (peft.Method, error) {
 			cfg := lora.DefaultConfig()
 			cfg.TargetModules = peft.TargetPattern(peft.AllLinear)
 			cfg.ModulesToSave = head
 			return lora.New(cfg)
 		}},
-		{Name: "adapter-pfeiffer", LearningRate: 1e-2, New: func() (peft.Method, error) {
+		{Name: "adalora", LearningRate: 3e-2, New: func(steps int) (peft.Method, error) {
+			return newAdaLoRA(steps, peft.TargetNames("q_proj", "v_proj"), head)
+		}},
+		{Name: "adapter-pfeiffer", LearningRate: 1e-2, New: func(int) (peft.Method, error) {
 			cfg := adapter.Pfeiffer()
 			cfg.ModulesToSave = head
 			return adapter.New(cfg)
 		}},
-		{Name: "adapter-houlsby", LearningRate: 1e-2, New: func() (peft.Method, error) {
+		{Name: "adapter-houlsby", LearningRate: 1e-2, New: func(int) (peft.Method, error) {
 			cfg := adapter.Houlsby()
 			cfg.ModulesToSave = head
 			return adapter.New(cfg)
 		}},
-		{Name: "prompt-tuning", LearningRate: 3e-2, New: func() (peft.Method, error) {
+		{Name: "prompt-tuning", LearningRate: 3e-2, New: func(int) (peft.Method, error) {
 			cfg := prompttuning.DefaultConfig()
 			cfg.NumVirtualTokens = 8
 			cfg.Init = prompttuning.InitVocab

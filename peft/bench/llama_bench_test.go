@@ -1,0 +1,505 @@
+package bench
+
+// Llama benchmarks: the fine-tuning methods on a causal language model, next-token loss on random
+// token batches of 8 × 128, on two models:
+//
+//   - stories260K: the embedded pretrained model (hidden 64, 5 layers, tied head), so small that
+//     per-operation overhead dominates;
+//   - medium: random init (seed 1), hidden 512, intermediate 1376, 8 layers, 8/8 heads,
+//     vocabulary 512, untied head (25.8M parameters): compute-bound, the shape of the PyTorch
+//     peer's CPU table (/work/shared/peers: torch_peft_bench.py --models medium), so that the
+//     numbers compare side by side.
+//
+// The methods are the peer's: full fine-tuning, LoRA on q_proj,v_proj (r=8, α=8), LoRA on every
+// linear layer but the head (r=8, α=8), a Pfeiffer adapter (reduction 16) and prompt tuning
+// (20 virtual tokens), all with AdamW at learning rate 1e-3.
+//
+// Each benchmark prints a summary table after its sub-benchmarks (ms per step and the ratio to
+// full fine-tuning, or ms per forward pass and the ratio to the base model), so one run gives
+// the ratios. Compare ratios measured in one run: these machines are noisy.
+//
+// Time: on the pure-Go backend a medium train step takes seconds (full fine-tuning the longest),
+// and every sub-benchmark also runs one warm-up step (which compiles) and one b.N = 1 round
+// before the b.N = 3 round. On 2 cores the whole run
+//
+//	go test -run '^$' -bench Llama -benchtime 3x -timeout 60m ./peft/bench/
+//
+// takes about a quarter of an hour (see the timings in the comment on mediumConfig); the
+// stories260K half alone takes well under a minute. Choose with -bench or with
+// PEFT_BENCH_MODELS (a comma-separated list of stories260K and medium; default both):
+//
+//	PEFT_BENCH_MODELS=stories260K go test -run '^$' -bench Llama -benchtime 10x ./peft/bench/
+//	go test -run '^$' -bench 'LlamaTrainStep/medium/(full|lora)$' -benchtime 3x ./peft/bench/
+//	go test -run '^$' -bench 'LlamaInference/medium' -benchtime 3x ./peft/bench/
+//
+// go test's default -timeout of 10 minutes is too short for the medium model: pass -timeout.
+
+import (
+	"fmt"
+	"math"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	"github.com/gomlx/gomlx/backends"
+	"github.com/gomlx/gomlx/backends/simplego"
+	"github.com/gomlx/gomlx/pkg/core/shapes"
+	"github.com/gomlx/gomlx/pkg/core/tensors"
+	"github.com/gomlx/gomlx/pkg/ml/context"
+	"github.com/gomlx/gopjrt/dtypes"
+	"github.com/stretchr/testify/require"
+
+	"peft/adapter"
+	"peft/full"
+	"peft/lora"
+	"peft/peft"
+	"peft/peft/backend"
+	"peft/peft/llama"
+	"peft/peft/stories260k"
+	"peft/prompttuning"
+)
+
+// Batch shape of every Llama benchmark: the PyTorch peer's default.
+const (
+	llamaBatch  = 8
+	llamaSeqLen = 128
+)
+
+// mediumConfig is the peer's "medium" model. One full train step takes about N s on 2 cores on
+// the pure-Go backend (see the package comment for how long a whole run takes).
+var mediumConfig = llama.Config{VocabSize: 512, HiddenSize: 512, IntermediateSize: 1376, NumLayers: 8,
+	NumHeads: 8, NumKVHeads: 8, MaxPositions: 512, RMSNormEps: 1e-5, RopeTheta: 10000}
+
+// llamaModel is a base model the benchmarks load into a fresh context.
+type llamaModel struct {
+	name string
+	load func(ctx *context.Context) (llama.Config, error)
+}
+
+var llamaModels = []llamaModel{
+	{name: stories260k.Name, load: func(ctx *context.Context) (llama.Config, error) {
+		return llama.LoadPretrainedFS(ctx, stories260k.FS())
+	}},
+	{name: "medium", load: func(ctx *context.Context) (llama.Config, error) {
+		return mediumConfig, llama.Init(ctx, mediumConfig, 0, 1)
+	}},
+}
+
+// llamaMethod is a fine-tuning method as the Llama benchmarks run it (the peer's settings).
+type llamaMethod struct {
+	name string
+	new  func() (peft.Method, error)
+}
+
+func loraQV() (peft.Method, error) { return lora.New(lora.DefaultConfig()) } // r=8, α=8, q_proj, v_proj
+
+func loraAllLinear() (peft.Method, error) {
+	cfg := lora.DefaultConfig()
+	cfg.TargetModules = peft.TargetPattern(peft.AllLinear)
+	return lora.New(cfg)
+}
+
+func pfeiffer() (peft.Method, error) { return adapter.New(adapter.Pfeiffer()) } // reduction 16, relu
+
+func promptTuning() (peft.Method, error) {
+	cfg := prompttuning.DefaultConfig()
+	cfg.NumVirtualTokens = 20
+	return prompttuning.New(cfg)
+}
+
+var llamaMethods = []llamaMethod{
+	{"full", func() (peft.Method, error) { return full.New(full.DefaultConfig()) }},
+	{"lora", loraQV},
+	{"lora-all-linear", loraAllLinear},
+	{"adapter-pfeiffer", pfeiffer},
+	{"prompt-tuning", promptTuning},
+}
+
+// slowOnPureGo names the models that only run on the pure-Go backend when PEFT_BENCH_MODELS asks
+// for them: there a medium train step takes about a minute, too long for `go test -bench .`.
+var slowOnPureGo = map[string]bool{"medium": true}
+
+// modelSkips says, for each model, why it does not run ("" when it runs). PEFT_BENCH_MODELS, a
+// comma-separated list of model names (case-insensitive), selects models; unset, every model
+// runs except, on the pure-Go backend, those in slowOnPureGo. An unknown name is an error.
+func modelSkips(bk backends.Backend) (map[string]string, error) {
+	skips := map[string]string{}
+	env := strings.TrimSpace(os.Getenv("PEFT_BENCH_MODELS"))
+	if env == "" {
+		_, pureGo := bk.(*simplego.Backend)
+		for _, m := range llamaModels {
+			if pureGo && slowOnPureGo[m.name] {
+				skips[m.name] = fmt.Sprintf("%s runs on the pure-Go backend only when asked for (about a minute per train step, "+
+					"tens of minutes in all): set PEFT_BENCH_MODELS=%s (or %s,%s) and pass -timeout 90m",
+					m.name, m.name, stories260k.Name, m.name)
+			}
+		}
+		return skips, nil
+	}
+	names := make([]string, len(llamaModels))
+	for i, m := range llamaModels {
+		names[i] = m.name
+		skips[m.name] = fmt.Sprintf("PEFT_BENCH_MODELS=%q leaves out %s", env, m.name)
+	}
+	for _, want := range strings.Split(env, ",") {
+		want = strings.TrimSpace(want)
+		if want == "" {
+			continue
+		}
+		found := false
+		for _, m := range llamaModels {
+			if strings.EqualFold(m.name, want) {
+				skips[m.name], found = "", true
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("PEFT_BENCH_MODELS: unknown model %q (known: %s)", want, strings.Join(names, ", "))
+		}
+	}
+	return skips, nil
+}
+
+// forEachModel runs fn as the sub-benchmark of each model; the models that do not run are
+// skipped with the reason.
+func forEachModel(b *testing.B, table *summary, fn func(b *testing.B, model llamaModel)) {
+	bk, err := backend.Get()
+	require.NoError(b, err)
+	skips, err := modelSkips(bk)
+	require.NoError(b, err)
+	for _, model := range llamaModels {
+		b.Run(model.name, func(b *testing.B) {
+			if reason := skips[model.name]; reason != "" {
+				table.skipped = append(table.skipped, model.name+": "+reason) // shown without -v too
+				b.Skip(reason)
+			}
+			fn(b, model)
+		})
+	}
+}
+
+// randomTokens is a deterministic batch of token ids [llamaBatch, llamaSeqLen].
+func randomTokens(vocab int, seed uint64) *tensors.Tensor {
+	rng := peft.NewRand(seed)
+	ids := make([][]int32, llamaBatch)
+	for i := range ids {
+		ids[i] = make([]int32, llamaSeqLen)
+		for j := range ids[i] {
+			ids[i][j] = int32(rng.IntN(vocab))
+		}
+	}
+	return tensors.FromValue(ids)
+}
+
+// newLlama loads model into a fresh context and applies method (nil: the plain model).
+func newLlama(model llamaModel, method peft.Method) (*peft.Model, llama.Config, error) {
+	bk, err := backend.Get()
+	if err != nil {
+		return nil, llama.Config{}, err
+	}
+	ctx := context.New()
+	cfg, err := model.load(ctx)
+	if err != nil {
+		return nil, cfg, err
+	}
+	m, err := peft.NewModel(bk, ctx, llama.CausalLM(cfg), method, shapes.Make(dtypes.Int32, llamaBatch, llamaSeqLen))
+	return m, cfg, err
+}
+
+// heldBytes is the memory of every variable in ctx: weights, the method's variables, optimizer
+// state and the trainer's counters.
+func heldBytes(ctx *context.Context) int64 {
+	var total int64
+	for v := range ctx.IterVariables() {
+		total += int64(v.Shape().Memory())
+	}
+	return total
+}
+
+// summaryRow is one sub-benchmark's result for the summary table (the last run's, with -count).
+type summaryRow struct {
+	model, name string
+	perOp       time.Duration
+	cpuPerOp    time.Duration // process CPU time per op; 0 where unknown
+	metrics     []string      // extra columns, already formatted
+}
+
+// summary collects rows in the order sub-benchmarks first report.
+type summary struct {
+	rows    []*summaryRow
+	index   map[string]*summaryRow
+	skipped []string // why models were skipped
+}
+
+func (s *summary) set(r summaryRow) {
+	if s.index == nil {
+		s.index = map[string]*summaryRow{}
+	}
+	key := r.model + "/" + r.name
+	if old := s.index[key]; old != nil {
+		*old = r
+		return
+	}
+	row := r
+	s.rows = append(s.rows, &row)
+	s.index[key] = &row
+}
+
+// print writes the table: time per op in ms and its ratio to the model's reference row (full or
+// base); "-" where the reference did not run.
+func (s *summary) print(title, unit, reference string, columns []string) {
+	fmt.Fprintf(os.Stdout, "\n%s (%s)\n", title, backend.Description())
+	for _, why := range s.skipped {
+		fmt.Fprintf(os.Stdout, "skipped %s\n", why)
+	}
+	if len(s.rows) == 0 {
+		return
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "model\tcase\t%s\t× %s\tcpu %s\t× %s (cpu)\t%s\t\n", unit, reference, unit, reference, strings.Join(columns, "\t"))
+	ms := func(d time.Duration) string {
+		if d <= 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.1f", float64(d)/float64(time.Millisecond))
+	}
+	for _, r := range s.rows {
+		ratio, cpuRatio := "-", "-"
+		if ref := s.index[r.model+"/"+reference]; ref != nil {
+			if ref.perOp > 0 {
+				ratio = fmt.Sprintf("%.2f", float64(r.perOp)/float64(ref.perOp))
+			}
+			if ref.cpuPerOp > 0 && r.cpuPerOp > 0 {
+				cpuRatio = fmt.Sprintf("%.2f", float64(r.cpuPerOp)/float64(ref.cpuPerOp))
+			}
+		}
+		extra := strings.Join(r.metrics, "\t")
+		if extra != "" {
+			extra += "\t"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.model, r.name, ms(r.perOp), ratio, ms(r.cpuPerOp), cpuRatio, extra)
+	}
+	_ = tw.Flush()
+	fmt.Fprintln(os.Stdout)
+}
+
+// BenchmarkLlamaTrainStep times one training step (forward, next-token loss, backward, AdamW) of
+// each method on each model, and reports tokens/s, the trainable share, the bytes of trainable
+// parameters plus optimizer state, and the bytes of every variable held (weights + method +
+// optimizer state). It ends with a summary table: ms per step and the ratio to full fine-tuning.
+func BenchmarkLlamaTrainStep(b *testing.B) {
+	var table summary
+	forEachModel(b, &table, func(b *testing.B, model llamaModel) {
+		for _, method := range llamaMethods {
+			b.Run(method.name, func(b *testing.B) {
+				runtime.GC() // let the previous case's model go before building this one
+				meth, err := method.new()
+				require.NoError(b, err)
+				m, cfg, err := newLlama(model, meth)
+				require.NoError(b, err)
+				trainer, err := peft.NewTrainer(m, peft.TrainConfig{Steps: 1 << 30, Decay: peft.ConstantDecay,
+					Loss: peft.NextTokenLoss, Progress: peft.ProgressOff})
+				require.NoError(b, err)
+				ids := randomTokens(cfg.VocabSize, 1)
+				ds := peft.NewDataset("random-tokens", []peft.Batch{{
+					Inputs: []*tensors.Tensor{ids}, Labels: []*tensors.Tensor{ids}}}, true)
+				_, err = trainer.TrainSteps(ds, 1) // compiles the step
+				require.NoError(b, err)
+				var cpu cpuMeter
+				cpu.start()
+				for b.Loop() { // the setup above runs once, untimed, whatever -benchtime says
+					if _, err := trainer.TrainSteps(ds, 1); err != nil {
+						b.Fatal(err)
+					}
+				}
+				cpuPerStep := cpu.perOp(b)
+				perStep := b.Elapsed() / time.Duration(b.N)
+				losses := trainer.Losses()
+				report := m.Report()
+				var trainBytes int64
+				for _, tv := range m.TrainableVariables() {
+					trainBytes += int64(tv.Variable.Shape().Memory())
+				}
+				trainBytes += peft.OptimizerStateBytes(m.Context())
+				held := heldBytes(m.Context())
+				tokensPerSec := float64(llamaBatch*llamaSeqLen) / perStep.Seconds()
+				loss := math.NaN()
+				if len(losses) > 0 {
+					loss = losses[len(losses)-1]
+				}
+				b.ReportMetric(tokensPerSec, "tokens/s")
+				b.ReportMetric(report.Percent(), "trainable%")
+				b.ReportMetric(float64(report.Trainable), "trainable_params")
+				b.ReportMetric(float64(trainBytes), "train_state_bytes")
+				b.ReportMetric(float64(held), "held_bytes")
+				b.ReportMetric(loss, "loss")
+				table.set(summaryRow{model: model.name, name: method.name, perOp: perStep, cpuPerOp: cpuPerStep, metrics: []string{
+					fmt.Sprintf("%.0f", tokensPerSec),
+					peft.Thousands(report.Trainable),
+					fmt.Sprintf("%.3f", report.Percent()),
+					peft.Thousands(trainBytes),
+					peft.Thousands(held),
+					fmt.Sprintf("%.4f", loss),
+				}})
+			})
+		}
+	})
+	table.print(fmt.Sprintf("Llama train step, batch %d × %d", llamaBatch, llamaSeqLen),
+		"ms/step", "full", []string{"tokens/s", "trainable", "trainable %", "train-state bytes", "held bytes", "last loss"})
+}
+
+// inferenceCase is one row of BenchmarkLlamaInference: a method (nil: the base model), merged or
+// not.
+type inferenceCase struct {
+	name   string
+	method func() (peft.Method, error)
+	merge  bool
+}
+
+var llamaInferenceCases = []inferenceCase{
+	{name: "base"},
+	{name: "lora-unmerged", method: loraQV},
+	{name: "lora-merged", method: loraQV, merge: true},
+	{name: "lora-all-linear-unmerged", method: loraAllLinear},
+	{name: "lora-all-linear-merged", method: loraAllLinear, merge: true},
+	{name: "adapter-pfeiffer", method: pfeiffer},
+	{name: "prompt-tuning", method: promptTuning},
+}
+
+// BenchmarkLlamaInference times one forward pass (m.Call) of the batch: the base model, LoRA
+// (q,v and all-linear) unmerged and merged, the Pfeiffer adapter and prompt tuning. LoRA's B is
+// made non-zero first, as after training (as the peer does), so merging really changes the
+// weights; the merged cases report the largest difference between merged and unmerged logits.
+// It ends with a summary table: ms per call and the ratio to the base model.
+func BenchmarkLlamaInference(b *testing.B) {
+	var table summary
+	forEachModel(b, &table, func(b *testing.B, model llamaModel) {
+		for _, tc := range llamaInferenceCases {
+			b.Run(tc.name, func(b *testing.B) {
+				runtime.GC()
+				var meth peft.Method
+				if tc.method != nil {
+					var err error
+					meth, err = tc.method()
+					require.NoError(b, err)
+				}
+				m, cfg, err := newLlama(model, meth)
+				require.NoError(b, err)
+				ids := randomTokens(cfg.VocabSize, 2)
+				if _, isLoRA := meth.(*lora.LoRA); isLoRA {
+					rng := peft.NewRand(3)
+					for _, tv := range m.TrainableVariables() {
+						if tv.Variable.Name() == "B" {
+							require.NoError(b, peft.SetFloat32s(tv.Variable, peft.Normal(rng, tv.Variable.Shape().Size(), 0.02)))
+						}
+					}
+				}
+				var unmerged []float32
+				if tc.merge {
+					unmerged = callFlat(b, m, ids)
+					require.NoError(b, m.Merge())
+				}
+				got := callFlat(b, m, ids) // compiles the graph that is timed
+				var cpu cpuMeter
+				cpu.start()
+				for b.Loop() {
+					out, err := m.Call(ids)
+					if err != nil {
+						b.Fatal(err)
+					}
+					for _, t := range out {
+						_ = t.FinalizeAll()
+					}
+				}
+				cpuPerCall := cpu.perOp(b)
+				perCall := b.Elapsed() / time.Duration(b.N)
+				b.ReportMetric(float64(llamaBatch*llamaSeqLen)/perCall.Seconds(), "tokens/s")
+				var extra []string
+				if tc.merge {
+					diff := maxAbsDiff(unmerged, got)
+					b.ReportMetric(diff, "merge_max_abs_diff")
+					extra = []string{fmt.Sprintf("%.2g", diff)}
+				}
+				table.set(summaryRow{model: model.name, name: tc.name, perOp: perCall, cpuPerOp: cpuPerCall, metrics: extra})
+			})
+		}
+	})
+	table.print(fmt.Sprintf("Llama inference, batch %d × %d", llamaBatch, llamaSeqLen),
+		"ms/call", "base", []string{"merged vs unmerged max |Δ|"})
+}
+
+// callFlat runs m on ids and returns its logits flattened.
+func callFlat(b *testing.B, m *peft.Model, ids *tensors.Tensor) []float32 {
+	b.Helper()
+	out, err := m.Call(ids)
+	require.NoError(b, err)
+	defer func() {
+		for _, t := range out {
+			_ = t.FinalizeAll()
+		}
+	}()
+	require.Equal(b, dtypes.Float32, out[0].DType(), "logits")
+	return tensors.MustCopyFlatData[float32](out[0])
+}
+
+func maxAbsDiff(a, c []float32) float64 {
+	if len(a) != len(c) {
+		return math.Inf(1)
+	}
+	var d float64
+	for i := range a {
+		d = max(d, math.Abs(float64(a[i])-float64(c[i])))
+	}
+	return d
+}
+
+// cpuMeter measures the CPU time the process spends over a benchmark loop (all threads, user and
+// system), from /proc/self/stat. With the pure-Go backend's sequential executor a step runs on
+// one core, so on an idle machine CPU time ≈ wall time; when other jobs share the cores, CPU time
+// is the steadier of the two, since waiting for a core does not count. Where /proc is missing
+// (not Linux) it reports nothing.
+type cpuMeter struct {
+	t0 time.Duration
+	ok bool
+}
+
+func (c *cpuMeter) start() { c.t0, c.ok = processCPU() }
+
+// perOp reports and returns the CPU time per iteration of the loop that just ended (0 if unknown).
+func (c *cpuMeter) perOp(b *testing.B) time.Duration {
+	t1, ok := processCPU()
+	if !c.ok || !ok || b.N == 0 {
+		return 0
+	}
+	per := (t1 - c.t0) / time.Duration(b.N)
+	b.ReportMetric(float64(per)/float64(time.Millisecond), "cpu-ms/op")
+	return per
+}
+
+// processCPU returns the process's user + system CPU time from /proc/self/stat (fields 14 and 15,
+// in USER_HZ ticks, which Linux fixes at 100 per second for user space).
+func processCPU() (time.Duration, bool) {
+	data, err := os.ReadFile("/proc/self/stat")
+	if err != nil {
+		return 0, false
+	}
+	// The command name (field 2) is in parentheses and may contain spaces: count from after it.
+	end := strings.LastIndexByte(string(data), ')')
+	if end < 0 {
+		return 0, false
+	}
+	fields := strings.Fields(string(data[end+1:])) // fields[0] is field 3 (state)
+	if len(fields) < 13 {
+		return 0, false
+	}
+	utime, err1 := strconv.ParseInt(fields[11], 10, 64)
+	stime, err2 := strconv.ParseInt(fields[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, false
+	}
+	const tick = 10 * time.Millisecond
+	return time.Duration(utime+stime) * tick, true
+}

@@ -1,0 +1,318 @@
+package qlora
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"math"
+	"os"
+	"path"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"testing/fstest"
+
+	"github.com/gomlx/gomlx/pkg/core/tensors"
+	"github.com/gomlx/gomlx/pkg/ml/context"
+	"github.com/gomlx/gopjrt/dtypes"
+
+	"peft/peft"
+	"peft/peft/atomicfile"
+	"peft/peft/bnb"
+	"peft/peft/llama"
+	"peft/peft/safetensors"
+)
+
+// LoadPretrainedFS reads a Hugging Face Llama folder (config.json and model.safetensors, or the
+// shards model.safetensors.index.json lists) into ctx, like llama.LoadPretrainedFS, accepting
+// weights in bitsandbytes' 4-bit layout (as SaveQuantized, examples/quantize or Hugging Face's
+// 4-bit save write them): each is dequantized exactly (bnb.Quantized.Dequantize) into the float32
+// variable the model expects, so the model runs with no method applied. It returns the model's
+// configuration and the 4-bit weights by layer path: pass them to QLoRA.UsePrequantized to
+// train on exactly this quantized model. Tensors stored in full precision load as they are.
+//
+// A 4-bit weight whose quant state disagrees with its tensors, or a companion tensor without its
+// quant state, is an error that names it (see bnb.FromTensors); ctx is not changed then.
+func LoadPretrainedFS(ctx *context.Context, fsys fs.FS) (llama.Config, Prequantized, error) {
+	configData, err := fs.ReadFile(fsys, "config.json")
+	if err != nil {
+		return llama.Config{}, nil, fmt.Errorf("qlora: no config.json: %w", err)
+	}
+	files, err := weightFiles(fsys)
+	if err != nil {
+		return llama.Config{}, nil, err
+	}
+	var plain []safetensors.Tensor
+	pre := Prequantized{}
+	for _, file := range files {
+		data, err := fs.ReadFile(fsys, file)
+		if err != nil {
+			return llama.Config{}, nil, fmt.Errorf("qlora: %w", err)
+		}
+		f, err := safetensors.Parse(data)
+		if err != nil {
+			return llama.Config{}, nil, fmt.Errorf("qlora: %s: %w", file, err)
+		}
+		quantized, others, err := bnb.ReadFile(f)
+		if err != nil {
+			return llama.Config{}, nil, fmt.Errorf("qlora: %s: %w", file, err)
+		}
+		plain = append(plain, others...)
+		for name, q := range quantized {
+			plain = append(plain, safetensors.FromFloat32(name, q.Shape, q.Dequantize()))
+			pre[strings.TrimSuffix(name, ".weight")] = q
+		}
+	}
+	encoded, err := safetensors.Encode(plain, map[string]string{"format": "pt"})
+	if err != nil {
+		return llama.Config{}, nil, fmt.Errorf("qlora: %w", err)
+	}
+	cfg, err := llama.LoadPretrainedFS(ctx, fstest.MapFS{
+		"config.json":       &fstest.MapFile{Data: configData},
+		"model.safetensors": &fstest.MapFile{Data: encoded},
+	})
+	if err != nil {
+		return llama.Config{}, nil, err
+	}
+	return cfg, pre, nil
+}
+
+// weightFiles lists model.safetensors, or the shards model.safetensors.index.json names.
+func weightFiles(fsys fs.FS) ([]string, error) {
+	index, err := fs.ReadFile(fsys, "model.safetensors.index.json")
+	if err != nil {
+		return []string{"model.safetensors"}, nil
+	}
+	var idx struct {
+		WeightMap map[string]string `json:"weight_map"`
+	}
+	if err := json.Unmarshal(index, &idx); err != nil {
+		return nil, fmt.Errorf("qlora: model.safetensors.index.json: %w", err)
+	}
+	var files []string
+	for _, file := range idx.WeightMap {
+		if path.Base(file) != file || file == "." || file == ".." {
+			return nil, fmt.Errorf("qlora: model.safetensors.index.json names a shard outside the folder: %q", file)
+		}
+		if !slices.Contains(files, file) {
+			files = append(files, file)
+		}
+	}
+	if len(files) == 0 {
+		return nil, errors.New("qlora: model.safetensors.index.json lists no shards")
+	}
+	sort.Strings(files)
+	return files, nil
+}
+
+// SaveQuantized writes the QLoRA model m, a Llama with configuration cfg, as a Hugging Face
+// folder in bitsandbytes' 4-bit layout: model.safetensors holds every quantized layer X as
+// X.weight and its companions (bnb.Quantized.Tensors documents them) and every other variable
+// of the base model in F32 under its Hugging Face name ([out, in] for linear weights);
+// config.json is cfg's with a quantization_config that Hugging Face transformers reads
+// ("quant_method": "bitsandbytes", "load_in_4bit": true, the quant type, double quantization and
+// compute dtype; linear layers left in full precision are listed in llm_int8_skip_modules). The
+// adapter is not included (save it with m.Save); after a requantized merge the merged weights
+// are written. Files named in copyFiles are copied from from (tokenizer files, say). Each file is
+// written atomically, the weights before config.json.
+func SaveQuantized(dir string, cfg llama.Config, m *peft.Model, from fs.FS, copyFiles ...string) error {
+	q, ok := m.Method().(*QLoRA)
+	if !ok {
+		return fmt.Errorf("qlora.SaveQuantized: the model's method is %T, not QLoRA", m.Method())
+	}
+	if q.merged == MergeDequantized {
+		return errors.New("qlora.SaveQuantized: the model is merged into float32 weights: export it with llama.SaveHF, or unmerge")
+	}
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	ctx := m.Context()
+	var out []safetensors.Tensor
+	for _, v := range m.Layout().BaseVariables {
+		if ql := q.quantFor(v); ql != nil {
+			parts, err := ql.q.Tensors(ql.layer.Path + ".weight")
+			if err != nil {
+				return fmt.Errorf("qlora.SaveQuantized: %w", err)
+			}
+			out = append(out, parts...)
+			continue
+		}
+		current := ctx.GetVariableByScopeAndName(v.Scope(), v.Name())
+		if current == nil {
+			return fmt.Errorf("qlora.SaveQuantized: variable %s no longer exists", v.ScopeAndName())
+		}
+		name, transposed, err := hfName(current)
+		if err != nil {
+			return err
+		}
+		values, err := peft.Float32s(current)
+		if err != nil {
+			return fmt.Errorf("qlora.SaveQuantized: %w", err)
+		}
+		dims := current.Shape().Dimensions
+		if transposed {
+			values, dims = transpose(values, dims[0], dims[1]), []int{dims[1], dims[0]}
+		}
+		out = append(out, safetensors.FromFloat32(name, dims, values))
+	}
+	var skip []string
+	for _, layer := range m.Layout().Linears {
+		if q.quant[layer.Path] == nil {
+			skip = append(skip, layer.Path)
+		}
+	}
+	configJSON, err := hfConfigJSON(cfg, q.cfg, skip)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("qlora.SaveQuantized: %w", err)
+	}
+	for _, name := range copyFiles {
+		if from == nil {
+			break
+		}
+		data, err := fs.ReadFile(from, name)
+		if err != nil {
+			return fmt.Errorf("qlora.SaveQuantized: %w", err)
+		}
+		if err := atomicfile.Write(filepath.Join(dir, name), data); err != nil {
+			return fmt.Errorf("qlora.SaveQuantized: %w", err)
+		}
+	}
+	if err := safetensors.Write(filepath.Join(dir, "model.safetensors"), out, map[string]string{"format": "pt"}); err != nil {
+		return fmt.Errorf("qlora.SaveQuantized: %w", err)
+	}
+	return atomicfile.Write(filepath.Join(dir, "config.json"), configJSON)
+}
+
+// quantFor returns the quantized layer whose float32 weights v was, or nil.
+func (l *QLoRA) quantFor(v *context.Variable) *quantLayer {
+	if v.Name() != "weights" {
+		return nil
+	}
+	for _, ql := range l.quantOrder {
+		if v.Scope() == ql.layer.WeightsScope() {
+			return ql
+		}
+	}
+	return nil
+}
+
+// hfName names a variable of a model built with peft's building blocks the way Hugging Face
+// names its tensor (package llama's mapping): <scope>/embeddings → <path>.weight,
+// <scope>/dense/weights → <path>.weight (transposed to [out, in]), <scope>/dense/biases →
+// <path>.bias, <scope>/weight → <path>.weight.
+func hfName(v *context.Variable) (name string, transposed bool, err error) {
+	scope := v.Scope()
+	dense, isDense := strings.CutSuffix(scope, context.ScopeSeparator+"dense")
+	switch {
+	case v.Name() == "embeddings" || v.Name() == "weight":
+		return peft.ScopeToPath(scope) + ".weight", false, nil
+	case isDense && v.Name() == "weights" && v.Shape().Rank() == 2:
+		return peft.ScopeToPath(dense) + ".weight", true, nil
+	case isDense && v.Name() == "biases":
+		return peft.ScopeToPath(dense) + ".bias", false, nil
+	}
+	return "", false, fmt.Errorf("qlora.SaveQuantized: no Hugging Face name for variable %s", v.ScopeAndName())
+}
+
+// hfConfigJSON is config.json for cfg with the quantization recorded as transformers'
+// BitsAndBytesConfig writes it.
+func hfConfigJSON(cfg llama.Config, qc Config, skip []string) ([]byte, error) {
+	base, err := json.Marshal(cfg)
+	if err != nil {
+		return nil, err
+	}
+	fields := map[string]any{}
+	if err := json.Unmarshal(base, &fields); err != nil {
+		return nil, err
+	}
+	fields["architectures"] = []string{"LlamaForCausalLM"}
+	fields["model_type"] = "llama"
+	fields["hidden_act"] = "silu"
+	fields["head_dim"] = cfg.HeadDim()
+	fields["torch_dtype"] = "float32"
+	fields["quantization_config"] = map[string]any{
+		"quant_method":              "bitsandbytes",
+		"load_in_4bit":              true,
+		"load_in_8bit":              false,
+		"bnb_4bit_quant_type":       string(qc.QuantType),
+		"bnb_4bit_use_double_quant": qc.DoubleQuant,
+		"bnb_4bit_compute_dtype":    qc.ComputeDType,
+		"bnb_4bit_quant_storage":    "uint8",
+		"llm_int8_skip_modules":     skip,
+	}
+	data, err := json.MarshalIndent(fields, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(data, '\n'), nil
+}
+
+// MergeReport is what merging changed in the model's outputs on a probe batch.
+type MergeReport struct {
+	// Mode is how the update was merged.
+	Mode MergeMode
+	// MaxAbsChange and MeanAbsChange are the largest and the mean |after − before| over every
+	// float32 output value.
+	MaxAbsChange, MeanAbsChange float64
+	// Values is the number of output values compared.
+	Values int
+}
+
+// String prints the report on one line.
+func (r MergeReport) String() string {
+	return fmt.Sprintf("merge %s: output change max %.3g, mean %.3g over %d values", r.Mode, r.MaxAbsChange, r.MeanAbsChange, r.Values)
+}
+
+// Merge merges the QLoRA update of m with mode (through m.Merge, so compiled graphs follow) and
+// reports how much m's outputs on the probe inputs changed: about float32 rounding for
+// MergeDequantized, the cost of re-quantizing for MergeRequantized. Unmerge with m.Unmerge.
+func Merge(m *peft.Model, mode MergeMode, probe ...*tensors.Tensor) (MergeReport, error) {
+	q, ok := m.Method().(*QLoRA)
+	if !ok {
+		return MergeReport{}, fmt.Errorf("qlora.Merge: the model's method is %T, not QLoRA", m.Method())
+	}
+	if len(probe) == 0 {
+		return MergeReport{}, errors.New("qlora.Merge: give the inputs of a probe batch to measure the change on")
+	}
+	if q.Merged() {
+		return MergeReport{}, fmt.Errorf("qlora.Merge: already merged (%s)", q.merged)
+	}
+	if err := q.SetMergeMode(mode); err != nil {
+		return MergeReport{}, err
+	}
+	before, err := m.Call(probe...)
+	if err != nil {
+		return MergeReport{}, err
+	}
+	if err := m.Merge(); err != nil {
+		return MergeReport{}, err
+	}
+	after, err := m.Call(probe...)
+	if err != nil {
+		return MergeReport{}, err
+	}
+	report := MergeReport{Mode: mode}
+	var sum float64
+	for i := range before {
+		if before[i].DType() != dtypes.Float32 {
+			continue
+		}
+		b := tensors.MustCopyFlatData[float32](before[i])
+		a := tensors.MustCopyFlatData[float32](after[i])
+		for k := range b {
+			d := math.Abs(float64(a[k]) - float64(b[k]))
+			report.MaxAbsChange = math.Max(report.MaxAbsChange, d)
+			sum += d
+		}
+		report.Values += len(b)
+	}
+	if report.Values > 0 {
+		report.MeanAbsChange = sum / float64(report.Values)
+	}
+	return report, nil
+}
