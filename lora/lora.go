@@ -15,7 +15,6 @@ import (
 	"math"
 
 	"github.com/gomlx/gomlx/pkg/core/graph"
-	"github.com/gomlx/gomlx/pkg/core/tensors"
 	"github.com/gomlx/gomlx/pkg/ml/context"
 	"github.com/gomlx/gomlx/pkg/ml/layers"
 
@@ -103,16 +102,15 @@ type LoRA struct {
 	targets map[string]*target  // by layer path
 	order   []*target           // model order
 	modules []*context.Variable // ModulesToSave's variables
-	merged  bool
+	merge   peft.WeightMerge
 }
 
 // target is one adapted layer.
 type target struct {
-	layer    *peft.LinearLayer
-	rank     int
-	scale    float64
-	a, b     *context.Variable
-	original *tensors.Tensor // the base weights while merged, to unmerge exactly
+	layer *peft.LinearLayer
+	rank  int
+	scale float64
+	a, b  *context.Variable
 }
 
 // New returns LoRA with cfg, or an error naming what is wrong with it.
@@ -207,7 +205,7 @@ func (l *LoRA) State(ctx *context.Context) []*context.Variable {
 func (l *LoRA) Linear(ctx *context.Context, layer *peft.LinearLayer, x *graph.Node) *graph.Node {
 	y := layer.Base(ctx, x)
 	t := l.targets[layer.Path]
-	if t == nil || l.merged {
+	if t == nil || l.merge.Merged() {
 		return y
 	}
 	g := x.Graph()
@@ -216,47 +214,16 @@ func (l *LoRA) Linear(ctx *context.Context, layer *peft.LinearLayer, x *graph.No
 	return graph.Add(y, graph.MulScalar(update, t.scale))
 }
 
-// Merge implements peft.Merger: W ← W + s·A·B for every target. The base weights are kept aside
-// so that Unmerge restores them bit for bit (subtracting again would not, in floating point).
+// Merge implements peft.Merger: W ← W + s·A·B for every target, all or nothing. The base
+// weights are kept aside so that Unmerge restores them bit for bit.
 func (l *LoRA) Merge(ctx *context.Context) error {
-	if l.merged {
-		return fmt.Errorf("lora: already merged")
-	}
-	// Compute every merged weight before changing any, so a failure leaves the model unmerged.
-	merged := make([][]float32, len(l.order))
-	originals := make([]*tensors.Tensor, len(l.order))
+	layers := make([]*peft.LinearLayer, len(l.order))
 	for i, t := range l.order {
-		w := t.layer.Weights(ctx)
-		value, err := w.Value()
-		if err != nil {
-			return err
-		}
-		if originals[i], err = value.Clone(); err != nil {
-			return err
-		}
-		if merged[i], err = peft.Float32s(w); err != nil {
-			return err
-		}
-		delta, err := l.delta(t)
-		if err != nil {
-			return err
-		}
-		for k := range merged[i] {
-			merged[i][k] += delta[k]
-		}
+		layers[i] = t.layer
 	}
-	for i, t := range l.order {
-		if err := peft.SetFloat32s(t.layer.Weights(ctx), merged[i]); err != nil {
-			for k := range i { // put back what was already changed
-				_ = l.order[k].layer.Weights(ctx).SetValue(originals[k])
-			}
-			return err
-		}
+	if err := l.merge.Merge(ctx, layers, func(i int) ([]float32, error) { return l.delta(l.order[i]) }); err != nil {
+		return fmt.Errorf("lora: %w", err)
 	}
-	for i, t := range l.order {
-		t.original = originals[i]
-	}
-	l.merged = true
 	return nil
 }
 
@@ -270,41 +237,19 @@ func (l *LoRA) delta(t *target) ([]float32, error) {
 	if err != nil {
 		return nil, err
 	}
-	in, out, r := t.layer.In, t.layer.Out, t.rank
-	delta := make([]float32, in*out)
-	row := make([]float64, out)
-	for i := range in {
-		clear(row)
-		for k := range r {
-			aik := float64(a[i*r+k])
-			for j, bkj := range b[k*out : (k+1)*out] {
-				row[j] += aik * float64(bkj)
-			}
-		}
-		for j := range out {
-			delta[i*out+j] = float32(t.scale * row[j])
-		}
-	}
-	return delta, nil
+	return peft.LowRankProduct(a, t.layer.In, t.rank, nil, b, t.layer.Out, t.scale), nil
 }
 
 // Unmerge implements peft.Merger: it restores the base weights exactly as they were.
 func (l *LoRA) Unmerge(ctx *context.Context) error {
-	if !l.merged {
-		return fmt.Errorf("lora: not merged")
+	if err := l.merge.Unmerge(ctx); err != nil {
+		return fmt.Errorf("lora: %w", err)
 	}
-	for _, t := range l.order {
-		if err := t.layer.Weights(ctx).SetValue(t.original); err != nil {
-			return err
-		}
-		t.original = nil
-	}
-	l.merged = false
 	return nil
 }
 
 // Merged implements peft.Merger.
-func (l *LoRA) Merged() bool { return l.merged }
+func (l *LoRA) Merged() bool { return l.merge.Merged() }
 
 // Delta returns the update s·A·B ([in, out], row-major) of the layer at path: what Merge adds to
 // its weights.

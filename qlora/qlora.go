@@ -158,16 +158,16 @@ type QLoRA struct {
 	quantOrder []*quantLayer
 	modules    []*context.Variable
 	mergeMode  MergeMode
-	merged     MergeMode // "" when not merged
+	merged     MergeMode        // "" when not merged
+	plain      peft.WeightMerge // the merge of the LoRA targets that are not quantized
 }
 
 // adapter is LoRA on one layer.
 type adapter struct {
-	layer    *peft.LinearLayer
-	rank     int
-	scale    float64
-	a, b     *context.Variable
-	original *tensors.Tensor // float32 weights of a non-quantized layer while merged
+	layer *peft.LinearLayer
+	rank  int
+	scale float64
+	a, b  *context.Variable
 }
 
 // quantLayer is one quantized layer.
@@ -525,22 +525,7 @@ func (ad *adapter) delta() ([]float32, error) {
 	if err != nil {
 		return nil, err
 	}
-	in, out, r := ad.layer.In, ad.layer.Out, ad.rank
-	delta := make([]float32, in*out)
-	row := make([]float64, out)
-	for i := range in {
-		clear(row)
-		for k := range r {
-			aik := float64(a[i*r+k])
-			for j, bkj := range b[k*out : (k+1)*out] {
-				row[j] += aik * float64(bkj)
-			}
-		}
-		for j := range out {
-			delta[i*out+j] = float32(ad.scale * row[j])
-		}
-	}
-	return delta, nil
+	return peft.LowRankProduct(a, ad.layer.In, ad.rank, nil, b, ad.layer.Out, ad.scale), nil
 }
 
 // Delta returns the LoRA update s·A·B ([in, out], row-major) of the layer at path.
@@ -579,25 +564,6 @@ func (l *QLoRA) Merge(ctx *context.Context) error {
 		}
 		deltas[ad.layer.Path] = d
 	}
-	// Non-quantized LoRA targets: W + s·A·B, keeping W to unmerge exactly.
-	plain := map[*adapter][]float32{}
-	for _, ad := range l.order {
-		if l.quant[ad.layer.Path] != nil {
-			continue
-		}
-		w := ad.layer.Weights(ctx)
-		if w == nil {
-			return fmt.Errorf("qlora: layer %s has no weights to merge into", ad.layer.Path)
-		}
-		values, err := peft.Float32s(w)
-		if err != nil {
-			return err
-		}
-		for k := range values {
-			values[k] += deltas[ad.layer.Path][k]
-		}
-		plain[ad] = values
-	}
 	// Quantized layers: dequant(Q) + s·A·B, as a float32 copy or quantized again.
 	merged := make([][]float32, len(l.quantOrder))
 	requantized := make([]*bnb.Quantized, len(l.quantOrder))
@@ -618,18 +584,15 @@ func (l *QLoRA) Merge(ctx *context.Context) error {
 		}
 	}
 
-	for ad, values := range plain {
-		w := ad.layer.Weights(ctx)
-		value, err := w.Value()
-		if err != nil {
-			return err
+	// Non-quantized LoRA targets: W + s·A·B, all or nothing, W kept to unmerge exactly.
+	var plainLayers []*peft.LinearLayer
+	for _, ad := range l.order {
+		if l.quant[ad.layer.Path] == nil {
+			plainLayers = append(plainLayers, ad.layer)
 		}
-		if ad.original, err = value.Clone(); err != nil {
-			return err
-		}
-		if err := peft.SetFloat32s(w, values); err != nil {
-			return err
-		}
+	}
+	if err := l.plain.Merge(ctx, plainLayers, func(i int) ([]float32, error) { return deltas[plainLayers[i].Path], nil }); err != nil {
+		return fmt.Errorf("qlora: %w", err)
 	}
 	for i, ql := range l.quantOrder {
 		if l.mergeMode == MergeRequantized {
@@ -655,14 +618,8 @@ func (l *QLoRA) Unmerge(ctx *context.Context) error {
 	if l.merged == "" {
 		return fmt.Errorf("qlora: not merged")
 	}
-	for _, ad := range l.order {
-		if ad.original == nil {
-			continue
-		}
-		if err := ad.layer.Weights(ctx).SetValue(ad.original); err != nil {
-			return err
-		}
-		ad.original = nil
+	if err := l.plain.Unmerge(ctx); err != nil {
+		return fmt.Errorf("qlora: %w", err)
 	}
 	for _, ql := range l.quantOrder {
 		if ql.saved != nil {

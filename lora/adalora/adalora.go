@@ -226,7 +226,7 @@ type AdaLoRA struct {
 	targets map[string]*target  // by layer path
 	order   []*target           // model order
 	modules []*context.Variable // ModulesToSave's variables
-	merged  bool
+	merge   peft.WeightMerge
 
 	mu        sync.Mutex
 	backend   backends.Backend // the backend of the graphs that ran the method
@@ -247,7 +247,6 @@ type target struct {
 	mask     *context.Variable // [r]
 	grads    [3]*context.Variable
 	ipt, unc [3]*context.Variable // Ī and Ū of A, E, B
-	original *tensors.Tensor      // the base weights while merged, to unmerge exactly
 }
 
 // params lists A, E and B, in the order of grads, ipt and unc.
@@ -395,7 +394,7 @@ func (a *AdaLoRA) noteBackend(b backends.Backend) {
 func (a *AdaLoRA) Linear(ctx *context.Context, layer *peft.LinearLayer, x *graph.Node) *graph.Node {
 	y := layer.Base(ctx, x)
 	t := a.targets[layer.Path]
-	if t == nil || a.merged {
+	if t == nil || a.merge.Merged() {
 		return y
 	}
 	g := x.Graph()
@@ -462,7 +461,7 @@ func (a *AdaLoRA) ObserveGradients(_ *context.Context, g *graph.Graph, vars []*c
 // AfterStep implements peft.StepHook: Hugging Face's update_and_allocate for the step just
 // taken (see the package comment).
 func (a *AdaLoRA) AfterStep(ctx *context.Context, step int) error {
-	if a.merged {
+	if a.merge.Merged() {
 		return peft.ErrMerged
 	}
 	n := len(a.order)
@@ -761,44 +760,13 @@ func (a *AdaLoRA) EffectiveParams() int64 {
 // zero) for every target. The base weights are kept aside so that Unmerge restores them bit for
 // bit.
 func (a *AdaLoRA) Merge(ctx *context.Context) error {
-	if a.merged {
-		return fmt.Errorf("adalora: already merged")
-	}
-	// Compute every merged weight before changing any, so a failure leaves the model unmerged.
-	merged := make([][]float32, len(a.order))
-	originals := make([]*tensors.Tensor, len(a.order))
+	layers := make([]*peft.LinearLayer, len(a.order))
 	for i, t := range a.order {
-		w := t.layer.Weights(ctx)
-		value, err := w.Value()
-		if err != nil {
-			return err
-		}
-		if originals[i], err = value.Clone(); err != nil {
-			return err
-		}
-		if merged[i], err = peft.Float32s(w); err != nil {
-			return err
-		}
-		delta, err := a.delta(t)
-		if err != nil {
-			return err
-		}
-		for k := range merged[i] {
-			merged[i][k] += delta[k]
-		}
+		layers[i] = t.layer
 	}
-	for i, t := range a.order {
-		if err := peft.SetFloat32s(t.layer.Weights(ctx), merged[i]); err != nil {
-			for k := range i { // put back what was already changed
-				_ = a.order[k].layer.Weights(ctx).SetValue(originals[k])
-			}
-			return err
-		}
+	if err := a.merge.Merge(ctx, layers, func(i int) ([]float32, error) { return a.delta(a.order[i]) }); err != nil {
+		return fmt.Errorf("adalora: %w", err)
 	}
-	for i, t := range a.order {
-		t.original = originals[i]
-	}
-	a.merged = true
 	return nil
 }
 
@@ -816,44 +784,19 @@ func (a *AdaLoRA) delta(t *target) ([]float32, error) {
 	if err != nil {
 		return nil, err
 	}
-	in, out, r := t.layer.In, t.layer.Out, a.cfg.InitRank
-	delta := make([]float32, in*out)
-	row := make([]float64, out)
-	for i := range in {
-		clear(row)
-		for k := range r {
-			aik := float64(av[i*r+k]) * float64(ev[k])
-			if aik == 0 {
-				continue
-			}
-			for j, bkj := range bv[k*out : (k+1)*out] {
-				row[j] += aik * float64(bkj)
-			}
-		}
-		for j := range out {
-			delta[i*out+j] = float32(a.scale * row[j])
-		}
-	}
-	return delta, nil
+	return peft.LowRankProduct(av, t.layer.In, a.cfg.InitRank, ev, bv, t.layer.Out, a.scale), nil
 }
 
 // Unmerge implements peft.Merger: it restores the base weights exactly as they were.
 func (a *AdaLoRA) Unmerge(ctx *context.Context) error {
-	if !a.merged {
-		return fmt.Errorf("adalora: not merged")
+	if err := a.merge.Unmerge(ctx); err != nil {
+		return fmt.Errorf("adalora: %w", err)
 	}
-	for _, t := range a.order {
-		if err := t.layer.Weights(ctx).SetValue(t.original); err != nil {
-			return err
-		}
-		t.original = nil
-	}
-	a.merged = false
 	return nil
 }
 
 // Merged implements peft.Merger.
-func (a *AdaLoRA) Merged() bool { return a.merged }
+func (a *AdaLoRA) Merged() bool { return a.merge.Merged() }
 
 // Delta returns the update s·A·diag(E)·B ([in, out], row-major) of the layer at path: what Merge
 // adds to its weights.
