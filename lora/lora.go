@@ -204,14 +204,24 @@ func (l *LoRA) State(ctx *context.Context) []*context.Variable {
 // Linear implements peft.LinearHook: base output plus s·(dropout(x)·A)·B on target layers.
 func (l *LoRA) Linear(ctx *context.Context, layer *peft.LinearLayer, x *graph.Node) *graph.Node {
 	y := layer.Base(ctx, x)
+	if update := l.Update(ctx, layer, x); update != nil {
+		y = graph.Add(y, update)
+	}
+	return y
+}
+
+// Update returns the LoRA term s·(dropout(x)·A)·B of layer for input x, or nil when the layer is
+// not adapted or the update is merged into its weights. Methods that compute the base output
+// their own way (QLoRA over a quantized weight) add it to theirs.
+func (l *LoRA) Update(ctx *context.Context, layer *peft.LinearLayer, x *graph.Node) *graph.Node {
 	t := l.targets[layer.Path]
 	if t == nil || l.merge.Merged() {
-		return y
+		return nil
 	}
 	g := x.Graph()
 	in := layers.DropoutStatic(ctx.In("lora"), x, l.cfg.Dropout)
 	update := peft.MatMulLast(peft.MatMulLast(in, t.a.ValueGraph(g)), t.b.ValueGraph(g))
-	return graph.Add(y, graph.MulScalar(update, t.scale))
+	return graph.MulScalar(update, t.scale)
 }
 
 // Merge implements peft.Merger: W ← W + s·A·B for every target, all or nothing. The base

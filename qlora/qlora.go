@@ -56,7 +56,6 @@ import (
 	"github.com/gomlx/gomlx/pkg/core/graph"
 	"github.com/gomlx/gomlx/pkg/core/tensors"
 	"github.com/gomlx/gomlx/pkg/ml/context"
-	"github.com/gomlx/gomlx/pkg/ml/layers"
 	"github.com/gomlx/gopjrt/dtypes"
 
 	"peft/lora"
@@ -152,22 +151,13 @@ const (
 type QLoRA struct {
 	cfg        Config
 	pre        Prequantized
-	adapters   map[string]*adapter // by layer path
-	order      []*adapter
+	lora       *lora.LoRA // the adapters, exactly as package lora makes them
+	layout     *peft.Layout
 	quant      map[string]*quantLayer // by layer path
 	quantOrder []*quantLayer
-	modules    []*context.Variable
 	mergeMode  MergeMode
 	merged     MergeMode        // "" when not merged
 	plain      peft.WeightMerge // the merge of the LoRA targets that are not quantized
-}
-
-// adapter is LoRA on one layer.
-type adapter struct {
-	layer *peft.LinearLayer
-	rank  int
-	scale float64
-	a, b  *context.Variable
 }
 
 // quantLayer is one quantized layer.
@@ -192,7 +182,11 @@ func New(cfg Config) (*QLoRA, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &QLoRA{cfg: cfg, mergeMode: MergeDequantized}, nil
+	adapters, err := lora.New(cfg.Config)
+	if err != nil {
+		return nil, fmt.Errorf("qlora: %w", err)
+	}
+	return &QLoRA{cfg: cfg, lora: adapters, mergeMode: MergeDequantized}, nil
 }
 
 // UsePrequantized makes Init adopt these quantized weights for the layers it quantizes instead of
@@ -212,19 +206,16 @@ func (l *QLoRA) Config() any { return l.cfg }
 // and creates A and B for the LoRA targets. Everything that can fail is checked before the
 // context changes.
 func (l *QLoRA) Init(ctx *context.Context, layout *peft.Layout) error {
-	targets, err := l.cfg.TargetModules.Select(layout)
-	if err != nil {
-		return fmt.Errorf("qlora: target_modules: %w", err)
-	}
 	toQuantize, err := l.cfg.QuantizeModules.Select(layout)
 	if err != nil {
 		return fmt.Errorf("qlora: quantize_modules: %w", err)
 	}
-	if l.modules, err = peft.ModulesToSave(layout, l.cfg.ModulesToSave); err != nil {
+	modules, err := peft.ModulesToSave(layout, l.cfg.ModulesToSave)
+	if err != nil {
 		return fmt.Errorf("qlora: %w", err)
 	}
 	for _, layer := range toQuantize {
-		for _, v := range l.modules {
+		for _, v := range modules {
 			if v.Scope() == layer.WeightsScope() && v.Name() == "weights" {
 				return fmt.Errorf("qlora: modules_to_save trains %s in full, but quantize_modules quantizes it: leave it out of one of them", layer.Path)
 			}
@@ -265,38 +256,11 @@ func (l *QLoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 		l.quantOrder = append(l.quantOrder, ql)
 	}
 
-	// LoRA, exactly as package lora initializes it (same seeds, same order).
-	rng := peft.NewRand(l.cfg.Seed)
-	l.adapters = map[string]*adapter{}
-	l.order = nil
-	for _, layer := range targets {
-		rank := l.cfg.Rank
-		if r, found := peft.PatternValue(l.cfg.RankPattern, layer.Path); found {
-			rank = r
-		}
-		alpha := l.cfg.Alpha
-		if a, found := peft.PatternValue(l.cfg.AlphaPattern, layer.Path); found {
-			alpha = a
-		}
-		scale := alpha / float64(rank)
-		if l.cfg.UseRSLoRA {
-			scale = alpha / math.Sqrt(float64(rank))
-		}
-		var aValues []float32
-		if l.cfg.InitA == lora.InitGaussian {
-			aValues = peft.Normal(rng, layer.In*rank, 1/float64(rank))
-		} else {
-			aValues = peft.Uniform(rng, layer.In*rank, 1/math.Sqrt(float64(layer.In)))
-		}
-		scope := ctx.InAbsPath(layer.Scope).In("lora")
-		ad := &adapter{
-			layer: layer, rank: rank, scale: scale,
-			a: peft.NewVariable(scope, "A", aValues, layer.In, rank),
-			b: peft.NewVariable(scope, "B", make([]float32, rank*layer.Out), rank, layer.Out),
-		}
-		l.adapters[layer.Path] = ad
-		l.order = append(l.order, ad)
+	// LoRA, exactly as package lora makes it (same seeds, same order).
+	if err := l.lora.Init(ctx, layout); err != nil {
+		return err // peft.NewModel names the method
 	}
+	l.layout = layout
 
 	// Store the quantized weights as frozen variables and release the float32 ones.
 	for _, ql := range l.quantOrder {
@@ -392,13 +356,7 @@ func transpose(v []float32, rows, cols int) []float32 {
 }
 
 // Targets lists the paths of the layers LoRA adapts, in model order.
-func (l *QLoRA) Targets() []string {
-	paths := make([]string, len(l.order))
-	for i, ad := range l.order {
-		paths[i] = ad.layer.Path
-	}
-	return paths
-}
+func (l *QLoRA) Targets() []string { return l.lora.Targets() }
 
 // QuantizedLayers lists the paths of the quantized layers, in model order.
 func (l *QLoRA) QuantizedLayers() []string {
@@ -446,14 +404,10 @@ func (l *QLoRA) QuantizedBytes() int64 {
 	return n
 }
 
-// Trainable implements peft.Method: A and B of every target, and the modules to save. The
-// quantized weights never train.
-func (l *QLoRA) Trainable(*context.Context) []peft.TrainableVariable {
-	vars := make([]*context.Variable, 0, 2*len(l.order)+len(l.modules))
-	for _, ad := range l.order {
-		vars = append(vars, ad.a, ad.b)
-	}
-	return peft.TrainAll(append(vars, l.modules...)...)
+// Trainable implements peft.Method: LoRA's A and B of every target, and the modules to save.
+// The quantized weights never train.
+func (l *QLoRA) Trainable(ctx *context.Context) []peft.TrainableVariable {
+	return l.lora.Trainable(ctx)
 }
 
 // State implements peft.Method: what Trainable lists (the adapter; the quantized base is saved
@@ -479,14 +433,13 @@ func (l *QLoRA) Linear(ctx *context.Context, layer *peft.LinearLayer, x *graph.N
 	} else {
 		y = layer.Base(ctx, x)
 	}
-	ad := l.adapters[layer.Path]
-	if ad == nil || l.merged != "" {
+	if l.merged != "" {
 		return y
 	}
-	g := x.Graph()
-	in := layers.DropoutStatic(ctx.In("lora"), x, l.cfg.Dropout)
-	update := peft.MatMulLast(peft.MatMulLast(in, ad.a.ValueGraph(g)), ad.b.ValueGraph(g))
-	return graph.Add(y, graph.MulScalar(update, ad.scale))
+	if update := l.lora.Update(ctx, layer, x); update != nil {
+		y = graph.Add(y, update)
+	}
+	return y
 }
 
 // dequantized returns the layer's weights [in, out] dequantized in the graph, in float32.
@@ -514,27 +467,13 @@ func (l *QLoRA) quantizedLinear(ctx *context.Context, ql *quantLayer, x *graph.N
 	return y
 }
 
-// delta returns s·A·B, [in, out] row-major, computed in float64 and rounded once (as package
-// lora computes it).
-func (ad *adapter) delta() ([]float32, error) {
-	a, err := peft.Float32s(ad.a)
-	if err != nil {
-		return nil, err
-	}
-	b, err := peft.Float32s(ad.b)
-	if err != nil {
-		return nil, err
-	}
-	return peft.LowRankProduct(a, ad.layer.In, ad.rank, nil, b, ad.layer.Out, ad.scale), nil
-}
-
 // Delta returns the LoRA update s·A·B ([in, out], row-major) of the layer at path.
 func (l *QLoRA) Delta(path string) ([]float32, error) {
-	ad := l.adapters[path]
-	if ad == nil {
-		return nil, fmt.Errorf("qlora: layer %q is not adapted (adapted: %v)", path, l.Targets())
+	d, err := l.lora.Delta(path)
+	if err != nil {
+		return nil, fmt.Errorf("qlora: %w", err)
 	}
-	return ad.delta()
+	return d, nil
 }
 
 // SetMergeMode chooses what Merge (and peft.Model.Merge) does next: MergeDequantized (the
@@ -557,12 +496,12 @@ func (l *QLoRA) Merge(ctx *context.Context) error {
 		return fmt.Errorf("qlora: already merged (%s)", l.merged)
 	}
 	deltas := map[string][]float32{}
-	for _, ad := range l.order {
-		d, err := ad.delta()
+	for _, path := range l.lora.Targets() {
+		d, err := l.lora.Delta(path)
 		if err != nil {
 			return err
 		}
-		deltas[ad.layer.Path] = d
+		deltas[path] = d
 	}
 	// Quantized layers: dequant(Q) + s·A·B, as a float32 copy or quantized again.
 	merged := make([][]float32, len(l.quantOrder))
@@ -586,9 +525,9 @@ func (l *QLoRA) Merge(ctx *context.Context) error {
 
 	// Non-quantized LoRA targets: W + s·A·B, all or nothing, W kept to unmerge exactly.
 	var plainLayers []*peft.LinearLayer
-	for _, ad := range l.order {
-		if l.quant[ad.layer.Path] == nil {
-			plainLayers = append(plainLayers, ad.layer)
+	for _, path := range l.lora.Targets() {
+		if l.quant[path] == nil {
+			plainLayers = append(plainLayers, l.layout.Linear(path))
 		}
 	}
 	if err := l.plain.Merge(ctx, plainLayers, func(i int) ([]float32, error) { return deltas[plainLayers[i].Path], nil }); err != nil {

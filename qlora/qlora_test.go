@@ -286,7 +286,7 @@ func TestInitErrors(t *testing.T) {
 	require.ErrorContains(t, err, "quantize_modules: target modules")
 	require.ErrorContains(t, err, "match no linear layer")
 	err = pefttest.NewModelErr(newQLoRA(t, func(c *qlora.Config) { c.TargetModules = peft.TargetNames("query") }))
-	require.ErrorContains(t, err, "target_modules: target modules")
+	require.ErrorContains(t, err, "target modules")
 	err = pefttest.NewModelErr(newQLoRA(t, func(c *qlora.Config) { c.QuantizeModules = peft.TargetNames("score", "q_proj") }))
 	require.ErrorContains(t, err, "modules_to_save trains score in full, but quantize_modules quantizes it")
 
