@@ -302,7 +302,8 @@ func (t *Trainer) TrainSteps(ds train.Dataset, n int) ([]float64, error) {
 	return slices.Clone(t.losses), err
 }
 
-// Losses returns the training loss of each step taken so far.
+// Losses returns the training loss of each step taken so far: the objective the optimizer
+// minimized, task loss plus the method's regularization terms (L2-SP, AdaLoRA's orthogonality).
 func (t *Trainer) Losses() []float64 { return slices.Clone(t.losses) }
 
 // MedianStepTime is the median wall time of a training step so far (the first, which compiles

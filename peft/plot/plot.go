@@ -88,7 +88,7 @@ func (c Chart) Render() (*image.RGBA, error) {
 
 	img := image.NewRGBA(image.Rect(0, 0, width, height))
 	draw.Draw(img, img.Bounds(), image.White, image.Point{}, draw.Src)
-	left, right, top, bottom := 70, width-190, 40, height-50
+	left, right, top, bottom := 70, width-190, 52, height-50
 	grey := color.RGBA{200, 200, 200, 255}
 	black := color.RGBA{0, 0, 0, 255}
 
@@ -113,9 +113,9 @@ func (c Chart) Render() (*image.RGBA, error) {
 	}
 	line(img, float64(left), float64(bottom), float64(right), float64(bottom), black)
 	line(img, float64(left), float64(top), float64(left), float64(bottom), black)
-	text(img, left, 22, c.Title, black)
+	text(img, left, 18, c.Title, black)
 	text(img, (left+right)/2-len(c.XLabel)*3, height-12, c.XLabel, black)
-	text(img, 5, top-8, c.YLabel, black)
+	text(img, 5, top-14, c.YLabel, black)
 
 	for i, s := range series {
 		col := palette[i%len(palette)]
