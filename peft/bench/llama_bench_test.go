@@ -18,17 +18,18 @@ package bench
 // full fine-tuning, or ms per forward pass and the ratio to the base model), so one run gives
 // the ratios. Compare ratios measured in one run: these machines are noisy.
 //
-// Time. The pure-Go backend (go:ops_sequential) runs a step on one core: a medium train step
-// takes about a minute (62–80 s for full fine-tuning on the 2-core development machine) and a
-// medium forward pass 20–40 s, so the medium model takes about half an hour at -benchtime 2x
-// (every case also runs one untimed warm-up step or call, which compiles). On that backend the
+// Time. On the pure-Go backend (go:ops_sequential, which spreads large matmuls over the cores) a
+// medium train step takes 45–80 s on the 2-core development machine (full fine-tuning; the other
+// methods 0.7–0.85 of that) and a medium forward pass about 16 s, so the medium model takes
+// about 16 minutes at -benchtime 2x on an idle machine and twice that on a busy one (every case
+// also runs one untimed warm-up step or call, which compiles). On that backend the
 // medium model therefore runs only when PEFT_BENCH_MODELS names it (otherwise its
 // sub-benchmarks are skipped, saying so), and
 //
 //	go test -run '^$' -bench Llama -benchtime 3x ./peft/bench/
 //
-// runs stories260K only, in about 3 minutes (10x: about 3 minutes too; a stories260K step is
-// about 2 s, a forward pass about 1 s). With XLA both models run by default. PEFT_BENCH_MODELS
+// runs stories260K only, in about 75 seconds (3 minutes at 10x: a stories260K step takes about
+// 2 s, a forward pass about 1 s). With XLA both models run by default. PEFT_BENCH_MODELS
 // is a comma-separated list of model names (stories260K, medium); -bench selects cases:
 //
 //	PEFT_BENCH_MODELS=stories260K go test -run '^$' -bench Llama -benchtime 10x ./peft/bench/
@@ -37,9 +38,10 @@ package bench
 //	PEFT_BENCH_MODELS=medium go test -run '^$' -bench 'LlamaInference/medium/(base|lora-)' -benchtime 2x -timeout 60m ./peft/bench/
 //
 // go test's default -timeout (10 minutes) is too short for the medium model: pass -timeout.
-// Each case also reports cpu-ms/op, the process's CPU time per op: on a shared machine it moves
-// less than wall time (waiting for a core does not count), and the summary tables give ratios of
-// both.
+// Each case also reports cpu-ms/op, the process's CPU time per op (all threads): on a shared
+// machine it moves less than wall time (waiting for a core does not count), and the summary
+// tables give ratios of both. Where the backend uses more than one core (the medium model's
+// matmuls), CPU time exceeds wall time.
 
 import (
 	"fmt"
@@ -140,8 +142,8 @@ func modelSkips(bk backends.Backend) (map[string]string, error) {
 		_, pureGo := bk.(*simplego.Backend)
 		for _, m := range llamaModels {
 			if pureGo && slowOnPureGo[m.name] {
-				skips[m.name] = fmt.Sprintf("%s runs on the pure-Go backend only when asked for (about a minute per train step, "+
-					"tens of minutes in all): set PEFT_BENCH_MODELS=%s (or %s,%s) and pass -timeout 90m",
+				skips[m.name] = fmt.Sprintf("%s runs on the pure-Go backend only when asked for (45–80 s per train step, "+
+					"16–30 minutes in all at -benchtime 2x): set PEFT_BENCH_MODELS=%s (or %s,%s) and pass -timeout 90m",
 					m.name, m.name, stories260k.Name, m.name)
 			}
 		}
@@ -464,10 +466,9 @@ func maxAbsDiff(a, c []float32) float64 {
 }
 
 // cpuMeter measures the CPU time the process spends over a benchmark loop (all threads, user and
-// system), from /proc/self/stat. With the pure-Go backend's sequential executor a step runs on
-// one core, so on an idle machine CPU time ≈ wall time; when other jobs share the cores, CPU time
-// is the steadier of the two, since waiting for a core does not count. Where /proc is missing
-// (not Linux) it reports nothing.
+// system), from /proc/self/stat. When other jobs share the cores, CPU time is the steadier of the
+// two, since waiting for a core does not count; where the backend runs one op on several cores it
+// exceeds wall time. Where /proc is missing (not Linux) it reports nothing.
 type cpuMeter struct {
 	t0 time.Duration
 	ok bool
