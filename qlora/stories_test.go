@@ -34,16 +34,9 @@ const goldenFloat32NLL = 0.39728868731037015
 // goldenIDs returns golden.json's greedy sequence: its start ids and the 64 generated ids.
 func goldenIDs(t testing.TB) []int {
 	t.Helper()
-	data, err := fs.ReadFile(stories260k.FS(), "golden.json")
+	ids, err := stories260k.GoldenSequence()
 	require.NoError(t, err)
-	var g struct {
-		Greedy struct {
-			StartIDs     []int `json:"start_ids"`
-			GeneratedIDs []int `json:"generated_ids"`
-		} `json:"greedy"`
-	}
-	require.NoError(t, json.Unmarshal(data, &g))
-	return append(append([]int{}, g.Greedy.StartIDs...), g.Greedy.GeneratedIDs...)
+	return ids
 }
 
 // storiesModel loads stories260K from fsys (float or 4-bit) and applies method as a causal LM.

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"encoding/json"
 	"io/fs"
 	"math"
 	"os"
@@ -133,16 +132,9 @@ func loadedWeights(t *testing.T, m *peft.Model, name string) []float32 {
 
 func goldenIDs(t *testing.T) []int {
 	t.Helper()
-	data, err := fs.ReadFile(stories260k.FS(), "golden.json")
+	ids, err := stories260k.GoldenSequence()
 	require.NoError(t, err)
-	var g struct {
-		Greedy struct {
-			StartIDs     []int `json:"start_ids"`
-			GeneratedIDs []int `json:"generated_ids"`
-		} `json:"greedy"`
-	}
-	require.NoError(t, json.Unmarshal(data, &g))
-	return append(append([]int{}, g.Greedy.StartIDs...), g.Greedy.GeneratedIDs...)
+	return ids
 }
 
 // Bad input is a clear error and leaves the output as it was (absent, or its old content).

@@ -1,8 +1,6 @@
 package adalora_test
 
 import (
-	"encoding/json"
-	"io/fs"
 	"math"
 	"strings"
 	"testing"
@@ -528,16 +526,9 @@ func TestRankPatternSavedAndLoaded(t *testing.T) {
 // storiesIDs returns the golden greedy sequence of stories260K (<s> and 64 generated ids).
 func storiesIDs(t testing.TB) []int {
 	t.Helper()
-	data, err := fs.ReadFile(stories260k.FS(), "golden.json")
+	ids, err := stories260k.GoldenSequence()
 	require.NoError(t, err)
-	var g struct {
-		Greedy struct {
-			StartIDs     []int `json:"start_ids"`
-			GeneratedIDs []int `json:"generated_ids"`
-		} `json:"greedy"`
-	}
-	require.NoError(t, json.Unmarshal(data, &g))
-	return append(append([]int{}, g.Greedy.StartIDs...), g.Greedy.GeneratedIDs...)
+	return ids
 }
 
 // loadStories builds the real pretrained stories260K language model with method applied.
