@@ -82,31 +82,8 @@ func TestMergeUnmerge(t *testing.T) {
 			require.NoError(t, peft.SetFloat32s(tv.Variable, peft.Normal(rng, tv.Variable.Shape().Size(), 0.5)))
 		}
 	}
-	unmerged := pefttest.Logits(t, m)
-	require.NotEqual(t, base, unmerged)
-
-	weights := map[string][]float32{}
-	for _, layer := range m.Layout().Linears {
-		w, err := peft.Float32s(layer.Weights(m.Context()))
-		require.NoError(t, err)
-		weights[layer.Path] = w
-	}
-	require.NoError(t, m.Merge())
-	require.True(t, m.Merged())
-	merged := pefttest.Logits(t, m)
-	for i := range merged {
-		require.InDeltaSlice(t, unmerged[i], merged[i], 1e-5)
-	}
-	require.Error(t, m.Merge(), "merging twice must fail")
-	require.ErrorIs(t, m.Save(t.TempDir()), peft.ErrMerged)
-
-	require.NoError(t, m.Unmerge())
-	for _, layer := range m.Layout().Linears {
-		w, err := peft.Float32s(layer.Weights(m.Context()))
-		require.NoError(t, err)
-		require.Equal(t, weights[layer.Path], w, "unmerge did not restore %s exactly", layer.Path)
-	}
-	require.Equal(t, unmerged, pefttest.Logits(t, m))
+	require.NotEqual(t, base, pefttest.Logits(t, m))
+	pefttest.CheckMergeUnmerge(t, m)
 }
 
 // The scale is α/r, or α/√r with rsLoRA, and rank_pattern/alpha_pattern override per layer: the

@@ -279,3 +279,33 @@ func CheckLoadInFreshProcess(t *testing.T, testName string, newMethod func() pef
 		require.Equal(t, want, got, "logits loaded in a fresh process differ")
 	}))
 }
+
+// CheckMergeUnmerge checks a model whose method's update is not zero: merged outputs agree with
+// the unmerged ones within 1e-5, merging twice and saving while merged are errors, and Unmerge
+// restores every base weight and the outputs bit for bit.
+func CheckMergeUnmerge(t *testing.T, m *peft.Model) {
+	t.Helper()
+	unmerged := Logits(t, m)
+	weights := map[string][]float32{}
+	for _, layer := range m.Layout().Linears {
+		w, err := peft.Float32s(layer.Weights(m.Context()))
+		require.NoError(t, err)
+		weights[layer.Path] = w
+	}
+	require.NoError(t, m.Merge())
+	require.True(t, m.Merged())
+	merged := Logits(t, m)
+	for i := range merged {
+		require.InDeltaSlice(t, unmerged[i], merged[i], 1e-5)
+	}
+	require.Error(t, m.Merge(), "merging twice must fail")
+	require.ErrorIs(t, m.Save(t.TempDir()), peft.ErrMerged)
+
+	require.NoError(t, m.Unmerge())
+	for _, layer := range m.Layout().Linears {
+		w, err := peft.Float32s(layer.Weights(m.Context()))
+		require.NoError(t, err)
+		require.Equal(t, weights[layer.Path], w, "unmerge did not restore %s exactly", layer.Path)
+	}
+	require.Equal(t, unmerged, Logits(t, m))
+}
