@@ -12,7 +12,9 @@ package lora
 
 import (
 	"fmt"
+	"log"
 	"math"
+	"strings"
 
 	"github.com/gomlx/gomlx/pkg/core/graph"
 	"github.com/gomlx/gomlx/pkg/ml/context"
@@ -42,11 +44,12 @@ type Config struct {
 	// TargetModules selects the layers to adapt (Hugging Face semantics, see peft.Targets).
 	// Default: q_proj and v_proj, Hugging Face's default for Llama models.
 	TargetModules peft.Targets `json:"target_modules"`
-	// RankPattern overrides Rank for layers whose path ends with a match of the key (a regular
-	// expression), like Hugging Face's rank_pattern.
-	RankPattern map[string]int `json:"rank_pattern,omitempty"`
+	// RankPattern overrides Rank for the layers a key matches (Hugging Face's rank_pattern: a
+	// regular expression matching the end of the path; the first matching key wins, see
+	// peft.Patterns).
+	RankPattern peft.Patterns[int] `json:"rank_pattern,omitempty"`
 	// AlphaPattern overrides Alpha the same way.
-	AlphaPattern map[string]float64 `json:"alpha_pattern,omitempty"`
+	AlphaPattern peft.Patterns[float64] `json:"alpha_pattern,omitempty"`
 	// UseRSLoRA scales by Alpha/√Rank (rank-stabilized LoRA) instead of Alpha/Rank.
 	UseRSLoRA bool `json:"use_rslora"`
 	// InitA is how A starts: InitKaiming (default) or InitGaussian. B always starts at zero.
@@ -80,20 +83,20 @@ func (c Config) Validate() error {
 	if err := c.TargetModules.Validate(); err != nil {
 		return fmt.Errorf("lora: %w", err)
 	}
-	for key, r := range c.RankPattern {
-		if r <= 0 {
-			return fmt.Errorf("lora: rank_pattern %q: rank must be > 0, got %d", key, r)
+	for _, p := range c.RankPattern {
+		if p.Value <= 0 {
+			return fmt.Errorf("lora: rank_pattern %q: rank must be > 0, got %d", p.Key, p.Value)
 		}
 	}
-	for key, a := range c.AlphaPattern {
-		if !(a > 0) {
-			return fmt.Errorf("lora: alpha_pattern %q: alpha must be > 0, got %g", key, a)
+	for _, p := range c.AlphaPattern {
+		if !(p.Value > 0) {
+			return fmt.Errorf("lora: alpha_pattern %q: alpha must be > 0, got %g", p.Key, p.Value)
 		}
 	}
-	if err := peft.ValidatePatterns("lora: rank_pattern", c.RankPattern); err != nil {
+	if err := c.RankPattern.Validate("lora: rank_pattern"); err != nil {
 		return err
 	}
-	return peft.ValidatePatterns("lora: alpha_pattern", c.AlphaPattern)
+	return c.AlphaPattern.Validate("lora: alpha_pattern")
 }
 
 // LoRA is the LoRA method. It implements peft.Method, peft.LinearHook and peft.Merger.
@@ -139,14 +142,18 @@ func (l *LoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 	rng := peft.NewRand(l.cfg.Seed)
 	l.targets = map[string]*target{}
 	l.order = nil
+	var oversized []string
 	for _, layer := range selected {
 		rank := l.cfg.Rank
-		if r, found := peft.PatternValue(l.cfg.RankPattern, layer.Path); found {
+		if r, found := l.cfg.RankPattern.Lookup(layer.Path); found {
 			rank = r
 		}
 		alpha := l.cfg.Alpha
-		if a, found := peft.PatternValue(l.cfg.AlphaPattern, layer.Path); found {
+		if a, found := l.cfg.AlphaPattern.Lookup(layer.Path); found {
 			alpha = a
+		}
+		if rank > min(layer.In, layer.Out) {
+			oversized = append(oversized, fmt.Sprintf("%s (r=%d, min(in, out)=%d)", layer.Path, rank, min(layer.In, layer.Out)))
 		}
 		scale := alpha / float64(rank)
 		if l.cfg.UseRSLoRA {
@@ -166,6 +173,11 @@ func (l *LoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 		}
 		l.targets[layer.Path] = t
 		l.order = append(l.order, t)
+	}
+	if len(oversized) > 0 {
+		// Allowed, as in PEFT, but the extra rank is wasted parameters: say so once.
+		log.Printf("lora: the rank exceeds min(in, out) on %d layer(s), whose update cannot have more rank than that: %s",
+			len(oversized), strings.Join(oversized[:min(3, len(oversized))], ", "))
 	}
 	return nil
 }

@@ -98,8 +98,10 @@ func TestScalingAndPatterns(t *testing.T) {
 	}{
 		{"default", nil, "model.layers.0.self_attn.q_proj", 8, 1},
 		{"rslora", func(c *lora.Config) { c.UseRSLoRA = true; c.Alpha = 16 }, "model.layers.0.self_attn.q_proj", 8, 16 / math.Sqrt(8)},
-		{"rank pattern", func(c *lora.Config) { c.RankPattern = map[string]int{`layers\.1\.self_attn\.v_proj`: 2} }, "model.layers.1.self_attn.v_proj", 2, 4},
-		{"alpha pattern", func(c *lora.Config) { c.AlphaPattern = map[string]float64{"q_proj": 32} }, "model.layers.1.self_attn.q_proj", 8, 4},
+		{"rank pattern", func(c *lora.Config) {
+			c.RankPattern = peft.Patterns[int]{{Key: `layers\.1\.self_attn\.v_proj`, Value: 2}}
+		}, "model.layers.1.self_attn.v_proj", 2, 4},
+		{"alpha pattern", func(c *lora.Config) { c.AlphaPattern = peft.Patterns[float64]{{Key: "q_proj", Value: 32}} }, "model.layers.1.self_attn.q_proj", 8, 4},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			l := newLoRA(t, tc.mutate)
@@ -160,7 +162,7 @@ func TestBadConfig(t *testing.T) {
 		{"init", func(c *lora.Config) { c.InitA = "xavier" }, `unknown init "xavier"`},
 		{"no targets", func(c *lora.Config) { c.TargetModules = peft.Targets{} }, "no target modules"},
 		{"bad regex", func(c *lora.Config) { c.TargetModules = peft.TargetPattern("q_proj(") }, "not a valid regular expression"},
-		{"bad rank pattern", func(c *lora.Config) { c.RankPattern = map[string]int{"q_proj": 0} }, "rank_pattern"},
+		{"bad rank pattern", func(c *lora.Config) { c.RankPattern = peft.Patterns[int]{{Key: "q_proj", Value: 0}} }, "rank_pattern"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := lora.DefaultConfig()
@@ -225,9 +227,10 @@ func TestLoadIntoDifferentShapes(t *testing.T) {
 		shapes.Make(dtypes.Int32, 2, 4))
 	require.NoError(t, err)
 	err = other.Load(dir)
-	require.ErrorContains(t, err, "/model/layers/0/self_attn/q_proj/lora/A")
-	require.ErrorContains(t, err, "[32 8]")
-	require.ErrorContains(t, err, "[48 8]")
+	require.ErrorIs(t, err, peft.ErrOtherBase, "another base model: refused before anything else")
+	err = other.Load(dir, peft.AllowOtherBase())
+	require.ErrorContains(t, err, "tensor base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight has shape [8 32]")
+	require.ErrorContains(t, err, "the model expects [8 48]")
 }
 
 func TestLoadInFreshProcess(t *testing.T) {

@@ -142,6 +142,8 @@ type Layout struct {
 	NumLayers int
 	// BaseVariables are the model's own variables, in creation order.
 	BaseVariables []*context.Variable
+	// Task is what the model declared its outputs serve (SetTask), or "".
+	Task TaskType
 }
 
 // Depth returns how deep in the model a variable of the base model sits, for layer-wise learning

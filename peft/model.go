@@ -31,6 +31,8 @@ type Model struct {
 	// graphVersion changes whenever what the model's graphs compute changes (merge, unmerge), so
 	// that trainers know to rebuild theirs.
 	graphVersion int
+	// fingerprint is BaseFingerprint.
+	fingerprint string
 }
 
 // NewModel applies method to the model fn whose variables live in ctx. It builds fn's graph once
@@ -63,10 +65,20 @@ func NewModel(backend backends.Backend, ctx *context.Context, fn ModelFn, method
 		for _, v := range layout.BaseVariables {
 			v.SetTrainable(false)
 		}
+		registerModel(ctx, m)
 		return m, nil
+	}
+	if err := bindMethod(method, m); err != nil {
+		return nil, err
 	}
 	if err := catch(fmt.Sprintf("peft.NewModel: %s", method.Name()), func() error {
 		return method.Init(ctx, layout)
+	}); err != nil {
+		return nil, err
+	}
+	if err := catch("peft.NewModel: fingerprinting the base model", func() error {
+		m.fingerprint, err = m.baseFingerprint()
+		return err
 	}); err != nil {
 		return nil, err
 	}
@@ -83,7 +95,39 @@ func NewModel(backend backends.Backend, ctx *context.Context, fn ModelFn, method
 	for _, tv := range method.Trainable(ctx) {
 		tv.Variable.SetTrainable(true)
 	}
+	registerModel(ctx, m)
 	return m, nil
+}
+
+// BaseFingerprint identifies the base weights the method was applied to: a SHA-256 (hex) over the
+// names, shapes and CRC-32C checksums of the base model's variables that the method does not save
+// (so a new classifier head saved with the adapter does not count), with the frozen form of the
+// weights a method replaced (QLoRA's 4-bit weights: the same whether it quantized them itself or
+// loaded a 4-bit checkpoint). Save records it and Load compares it, so that an adapter is not
+// applied to another base by mistake. It is "" for a plain model and for full fine-tuning, whose
+// saved state is the whole model.
+func (m *Model) BaseFingerprint() string { return m.fingerprint }
+
+// baseFingerprint computes BaseFingerprint after the method's Init.
+func (m *Model) baseFingerprint() (string, error) {
+	saved := map[string]bool{}
+	for _, v := range m.method.State(m.ctx) {
+		saved[v.ScopeAndName()] = true
+	}
+	var vars []*context.Variable
+	for _, v := range m.layout.BaseVariables {
+		if m.ctx.GetVariableByScopeAndName(v.Scope(), v.Name()) == v { // not replaced by the method
+			vars = append(vars, v)
+		}
+	}
+	if r, ok := m.method.(BaseReplacer); ok {
+		vars = append(vars, r.ReplacedBase()...)
+	}
+	digests, err := variableDigests(vars)
+	if err != nil {
+		return "", err
+	}
+	return fingerprint(digests, saved), nil
 }
 
 // traceLayout builds fn's graph once, without compiling or running it, recording every building
@@ -238,11 +282,25 @@ func (m *Model) TrainableVariables() []TrainableVariable {
 	return m.method.Trainable(m.ctx)
 }
 
+// BaseReplacer is implemented by methods that replace some base weights with a frozen form of
+// their own (QLoRA's 4-bit weights, which replace float variables).
+type BaseReplacer interface {
+	// ReplacedBase lists the variables holding the replaced weights: the base fingerprint covers
+	// them in place of the weights they replaced.
+	ReplacedBase() []*context.Variable
+	// BaseParams is the number of base parameters they stand for, which Report counts.
+	BaseParams() int64
+}
+
 // Report counts the trainable and all parameters of the model with the method applied.
-// All parameters are the base model's variables that still exist plus the method's trainable
-// ones; optimizer and trainer bookkeeping never count.
+// All parameters are the base model's variables that still exist, the base parameters the method
+// holds in another form (BaseReplacer) and the method's trainable ones; optimizer and trainer
+// bookkeeping never count.
 func (m *Model) Report() ParamReport {
 	var r ParamReport
+	if counter, ok := m.method.(BaseReplacer); ok {
+		r.All += counter.BaseParams()
+	}
 	counted := map[*context.Variable]bool{}
 	for _, tv := range m.TrainableVariables() {
 		n := int64(tv.Variable.Shape().Size())

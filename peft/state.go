@@ -7,42 +7,88 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log"
 	"os"
 	"path/filepath"
 	"slices"
 
 	"github.com/gomlx/gomlx/pkg/core/tensors"
+	"github.com/gomlx/gomlx/pkg/ml/context"
 
 	"peft/peft/atomicfile"
 	"peft/peft/safetensors"
 )
 
-// File names of a saved method state.
+// File names of this SDK's own layout, for the methods Hugging Face PEFT does not have.
 const (
 	// ConfigFile holds the method's name and configuration as JSON.
 	ConfigFile = "peft_config.json"
-	// StateFile holds the method's tensors in safetensors format, named by GoMLX scope and name.
+	// StateFile holds the method's tensors in safetensors format, named by GoMLX scope and name
+	// (bottleneck adapters).
 	StateFile = "peft_state.safetensors"
+	// ModelWeightsFile and ModelConfigFile make the folder of a full fine-tune a Hugging Face
+	// model folder: the whole model under Hugging Face names, and the base model's config.json.
+	ModelWeightsFile = "model.safetensors"
+	ModelConfigFile  = "config.json"
 )
 
 // stateFormatVersion is bumped when the saved layout changes incompatibly.
 const stateFormatVersion = 1
 
-// savedConfig is the content of ConfigFile.
+// tensorNamesHF marks a state file whose tensors carry Hugging Face names (HFName) in PyTorch's
+// layout; without it they carry GoMLX scope names in GoMLX's layout.
+const tensorNamesHF = "hf"
+
+// savedConfig is the content of ConfigFile, and of the metadata record Save puts in a PEFT
+// adapter file (where AdapterConfigSHA256 replaces StateSHA256).
 type savedConfig struct {
 	FormatVersion int             `json:"format_version"`
 	Method        string          `json:"method"`
 	Config        json.RawMessage `json:"config"`
 	Tensors       int             `json:"tensors"`
-	// StateSHA256 is the hash of StateFile: Load refuses tensors that are not the ones this
+	// StateSHA256 is the hash of the state file: Load refuses tensors that are not the ones this
 	// configuration was saved with (a save interrupted between the two files).
-	StateSHA256 string `json:"state_sha256"`
+	StateSHA256 string `json:"state_sha256,omitempty"`
+	// StateFile names the state file when it is not StateFile; TensorNames says how its tensors
+	// are named ("" for GoMLX names, tensorNamesHF).
+	StateFile   string `json:"state_file,omitempty"`
+	TensorNames string `json:"tensor_names,omitempty"`
+	// BaseModel identifies the base the state was trained on.
+	BaseModel *savedBase `json:"base_model,omitempty"`
+	// AdapterConfigSHA256 is the hash of the adapter_config.json written with a PEFT adapter file.
+	AdapterConfigSHA256 string `json:"adapter_config_sha256,omitempty"`
 }
 
-// Save writes exactly the method's own state (its State variables) and its configuration to the
-// folder dir, creating it if needed. Each file is written to a temporary file and renamed into
-// place, the tensors first and the configuration last, so an interrupted save never leaves a
-// configuration that points to missing or half-written tensors.
+// savedBase identifies a base model: its name or path, and the fingerprint of the weights the
+// method does not save (see Model.BaseFingerprint).
+type savedBase struct {
+	NameOrPath  string `json:"name_or_path,omitempty"`
+	Fingerprint string `json:"fingerprint,omitempty"`
+}
+
+func (m *Model) savedBase() *savedBase {
+	b := &savedBase{NameOrPath: BaseModelOf(m.ctx).NameOrPath, Fingerprint: m.fingerprint}
+	if *b == (savedBase{}) {
+		return nil
+	}
+	return b
+}
+
+// Save writes the method's state to the folder dir, creating it if needed.
+//
+// Methods Hugging Face PEFT has (LoRA, AdaLoRA, QLoRA, prompt tuning; PEFTFormat) are written as a
+// PEFT adapter folder, adapter_config.json and adapter_model.safetensors, that PEFT, vLLM and
+// Ollama load. What PEFT has no field for (the SDK's own configuration with its seed, the base
+// model's fingerprint) is kept in the safetensors metadata, which they ignore.
+//
+// Other methods are written in this SDK's layout: peft_config.json (method, configuration, base
+// model) and the tensors. Full fine-tuning, whose state is the whole model, is written as a
+// Hugging Face model folder (model.safetensors with Hugging Face names, and the base model's
+// config.json when known) that transformers loads; bottleneck adapters as peft_state.safetensors.
+//
+// Each file is written to a temporary file and renamed into place, the tensors first and the
+// configuration last, and the configuration pins the tensors it belongs to, so Load detects a save
+// interrupted between the two.
 func (m *Model) Save(dir string) error {
 	if m.method == nil {
 		return errors.New("peft.Model.Save: the model has no method to save")
@@ -54,58 +100,264 @@ func (m *Model) Save(dir string) error {
 	if err != nil {
 		return fmt.Errorf("peft.Model.Save: encoding the %s config: %w", m.method.Name(), err)
 	}
-	vars := m.method.State(m.ctx)
-	tensorsOut := make([]safetensors.Tensor, 0, len(vars))
-	for _, v := range vars {
-		value, err := v.Value()
-		if err != nil {
-			return fmt.Errorf("peft.Model.Save: reading %s: %w", v.ScopeAndName(), err)
-		}
-		st, err := safetensors.FromGoMLX(v.ScopeAndName(), value)
-		if err != nil {
-			return fmt.Errorf("peft.Model.Save: %w", err)
-		}
-		tensorsOut = append(tensorsOut, st)
+	if f, ok := m.method.(PEFTFormat); ok {
+		err = m.savePEFT(dir, f, cfgJSON)
+	} else {
+		err = m.saveOwn(dir, cfgJSON)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("peft.Model.Save: %w", err)
-	}
-	state, err := safetensors.Encode(tensorsOut, map[string]string{"method": m.method.Name()})
 	if err != nil {
-		return fmt.Errorf("peft.Model.Save: %w", err)
-	}
-	if err := atomicfile.Write(filepath.Join(dir, StateFile), state); err != nil {
-		return fmt.Errorf("peft.Model.Save: %w", err)
-	}
-	hash := sha256.Sum256(state)
-	saved, err := json.MarshalIndent(savedConfig{
-		FormatVersion: stateFormatVersion, Method: m.method.Name(), Config: cfgJSON, Tensors: len(tensorsOut),
-		StateSHA256: hex.EncodeToString(hash[:]),
-	}, "", "  ")
-	if err != nil {
-		return fmt.Errorf("peft.Model.Save: %w", err)
-	}
-	if err := atomicfile.Write(filepath.Join(dir, ConfigFile), append(saved, '\n')); err != nil {
 		return fmt.Errorf("peft.Model.Save: %w", err)
 	}
 	return nil
 }
 
-// ReadConfig reads the method name and configuration saved in dir, decoding the configuration
-// into config (a pointer to the method's Config type), so the method can be rebuilt before Load.
+func (m *Model) savePEFT(dir string, f PEFTFormat, cfgJSON []byte) error {
+	var fields map[string]any
+	var out []safetensors.Tensor
+	if err := catch(m.method.Name(), func() error {
+		var err error
+		if fields, err = f.PEFTConfig(m.ctx); err != nil {
+			return err
+		}
+		out, err = f.PEFTTensors(m.ctx)
+		return err
+	}); err != nil {
+		return err
+	}
+	fields["peft_type"] = f.PEFTType()
+	fields["base_model_name_or_path"] = nilIfEmpty(BaseModelOf(m.ctx).NameOrPath)
+	fields["revision"] = nil
+	fields["task_type"] = nilIfEmpty(string(m.layout.Task))
+	fields["inference_mode"] = true
+	fields["auto_mapping"] = nil
+	adapterConfig, err := encodePEFTConfig(fields)
+	if err != nil {
+		return err
+	}
+	sum := sha256.Sum256(adapterConfig)
+	record, err := json.Marshal(savedConfig{
+		FormatVersion: stateFormatVersion, Method: m.method.Name(), Config: cfgJSON, Tensors: len(out),
+		BaseModel: m.savedBase(), AdapterConfigSHA256: hex.EncodeToString(sum[:]),
+	})
+	if err != nil {
+		return err
+	}
+	weights, err := safetensors.Encode(out, map[string]string{"format": "pt", metadataRecord: string(record)})
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	if err := atomicfile.Write(filepath.Join(dir, AdapterWeightsFile), weights); err != nil {
+		return err
+	}
+	if err := atomicfile.Write(filepath.Join(dir, AdapterConfigFile), adapterConfig); err != nil {
+		return err
+	}
+	return removeStale(dir, ConfigFile, StateFile)
+}
+
+func (m *Model) saveOwn(dir string, cfgJSON []byte) error {
+	vars := m.method.State(m.ctx)
+	saved := savedConfig{FormatVersion: stateFormatVersion, Method: m.method.Name(), Config: cfgJSON,
+		Tensors: len(vars), BaseModel: m.savedBase()}
+	var out []safetensors.Tensor
+	metadata := map[string]string{"method": m.method.Name()}
+	whole := m.stateIsBase(vars)
+	if whole {
+		var err error
+		if out, err = HFTensors("", vars); err != nil {
+			return err
+		}
+		saved.StateFile, saved.TensorNames = ModelWeightsFile, tensorNamesHF
+		saved.BaseModel = nil // the state is the whole model
+		metadata = map[string]string{"format": "pt"}
+	} else {
+		for _, v := range vars {
+			value, err := v.Value()
+			if err != nil {
+				return fmt.Errorf("reading %s: %w", v.ScopeAndName(), err)
+			}
+			st, err := safetensors.FromGoMLX(v.ScopeAndName(), value)
+			if err != nil {
+				return err
+			}
+			out = append(out, st)
+		}
+	}
+	state, err := safetensors.Encode(out, metadata)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	stateFile := StateFile
+	if saved.StateFile != "" {
+		stateFile = saved.StateFile
+	}
+	if err := atomicfile.Write(filepath.Join(dir, stateFile), state); err != nil {
+		return err
+	}
+	if base := BaseModelOf(m.ctx); whole && len(base.Config) > 0 {
+		if err := atomicfile.Write(filepath.Join(dir, ModelConfigFile), base.Config); err != nil {
+			return err
+		}
+	}
+	hash := sha256.Sum256(state)
+	saved.StateSHA256 = hex.EncodeToString(hash[:])
+	data, err := json.MarshalIndent(saved, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.Write(filepath.Join(dir, ConfigFile), append(data, '\n')); err != nil {
+		return err
+	}
+	return removeStale(dir, AdapterConfigFile, AdapterWeightsFile)
+}
+
+// stateIsBase reports whether the state is exactly the base model's variables: the state is then
+// the model itself (full fine-tuning), saved as a Hugging Face model.
+func (m *Model) stateIsBase(vars []*context.Variable) bool {
+	state := map[*context.Variable]bool{}
+	for _, v := range vars {
+		state[v] = true
+	}
+	if len(state) != len(vars) || len(vars) != len(m.layout.BaseVariables) {
+		return false
+	}
+	for _, v := range m.layout.BaseVariables {
+		if !state[v] {
+			return false
+		}
+	}
+	return true
+}
+
+// removeStale deletes the files of the other layout that an earlier save left in dir, so the
+// folder holds one adapter.
+func removeStale(dir string, names ...string) error {
+	for _, name := range names {
+		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
+}
+
+func nilIfEmpty(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
+}
+
+// ReadConfig reads the method name and configuration saved in dir in this SDK's layout (or by
+// this SDK in PEFT's), decoding the configuration into config (a pointer to the method's Config
+// type), so the method can be rebuilt before Load. Folders PEFT wrote have no such configuration:
+// use package methods, which builds the method from adapter_config.json.
 func ReadConfig(dir string, config any) (method string, err error) {
-	saved, err := readSavedConfig(dir)
+	saved, err := ReadAdapter(dir, "")
 	if err != nil {
 		return "", err
 	}
+	if saved.Method == "" {
+		return "", fmt.Errorf("peft.ReadConfig: %s was not written by this SDK (it has no configuration of ours); build the method from its %s (package methods does)",
+			saved.Dir, AdapterConfigFile)
+	}
 	if err := json.Unmarshal(saved.Config, config); err != nil {
-		return "", fmt.Errorf("peft.ReadConfig: %s config in %s: %w", saved.Method, dir, err)
+		return "", fmt.Errorf("peft.ReadConfig: %s config in %s: %w", saved.Method, saved.Dir, err)
 	}
 	return saved.Method, nil
 }
 
+// SavedAdapter is what a saved folder says about the method that wrote it (ReadAdapter).
+type SavedAdapter struct {
+	// Dir is the folder holding the adapter (a sub-folder of the one asked for, see FindAdapter).
+	Dir string
+	// Format is its layout.
+	Format Format
+	// Method and Config are the SDK's method name and configuration (JSON) when this SDK wrote the
+	// folder: always in FormatOwn; in FormatPEFT when the adapter file carries our record.
+	Method string
+	Config json.RawMessage
+	// Fields is the PEFT configuration (FormatPEFT only).
+	Fields *PEFTFields
+}
+
+// ReadAdapter finds the adapter in dir (FindAdapter: name selects a sub-folder) and reads what it
+// says about its method, checking that its configuration and tensors belong together.
+func ReadAdapter(dir, name string) (*SavedAdapter, error) {
+	folder, format, err := FindAdapter(dir, name)
+	if err != nil {
+		return nil, err
+	}
+	saved := &SavedAdapter{Dir: folder, Format: format}
+	if format == FormatOwn {
+		cfg, err := readSavedConfig(folder)
+		if err != nil {
+			return nil, err
+		}
+		saved.Method, saved.Config = cfg.Method, cfg.Config
+		return saved, nil
+	}
+	if saved.Fields, err = ReadPEFTFields(folder); err != nil {
+		return nil, err
+	}
+	file, err := readAdapterWeights(folder)
+	if err != nil {
+		return nil, err
+	}
+	record, err := ourRecord(file, saved.Fields)
+	if err != nil {
+		return nil, err
+	}
+	if record != nil {
+		saved.Method, saved.Config = record.Method, record.Config
+	}
+	return saved, nil
+}
+
+// readAdapterWeights reads a PEFT folder's adapter_model.safetensors.
+func readAdapterWeights(dir string) (*safetensors.File, error) {
+	path := filepath.Join(dir, AdapterWeightsFile)
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		if _, err := os.Stat(filepath.Join(dir, adapterPickleFile)); err == nil {
+			return nil, fmt.Errorf("peft: %s has only %s, a Python pickle (which can run code when read): convert it to %s in Python (PeftModel.save_pretrained(dir, safe_serialization=True))",
+				dir, adapterPickleFile, AdapterWeightsFile)
+		}
+		return nil, fmt.Errorf("peft: %s is missing from %s", AdapterWeightsFile, dir)
+	}
+	file, err := safetensors.Read(path)
+	if err != nil {
+		return nil, fmt.Errorf("peft: %w", err)
+	}
+	return file, nil
+}
+
+// ourRecord returns the record Save keeps in a PEFT adapter file's metadata, or nil if there is
+// none (PEFT wrote the folder). A record whose adapter_config.json hash differs from the file's is
+// an error: an interrupted save, or a configuration edited after saving.
+func ourRecord(file *safetensors.File, fields *PEFTFields) (*savedConfig, error) {
+	raw, ok := file.Metadata[metadataRecord]
+	if !ok {
+		return nil, nil
+	}
+	var record savedConfig
+	if err := json.Unmarshal([]byte(raw), &record); err != nil || record.Method == "" {
+		return nil, fmt.Errorf("peft: the %q metadata of %s is corrupt", metadataRecord, AdapterWeightsFile)
+	}
+	sum := sha256.Sum256(fields.data)
+	if record.AdapterConfigSHA256 != hex.EncodeToString(sum[:]) {
+		return nil, fmt.Errorf("peft: %s is not the configuration %s was saved with (its SHA-256 differs: an interrupted save, or the file was edited; to load the tensors with the edited file as a plain PEFT adapter, remove the %q entry of the safetensors metadata)",
+			fields.source, AdapterWeightsFile, metadataRecord)
+	}
+	return &record, nil
+}
+
 func readSavedConfig(dir string) (*savedConfig, error) {
-	data, err := os.ReadFile(filepath.Join(dir, ConfigFile))
+	data, err := readBounded(filepath.Join(dir, ConfigFile), maxConfigBytes)
 	if err != nil {
 		return nil, fmt.Errorf("peft: no saved method state in %s: %w", dir, err)
 	}
@@ -117,80 +369,226 @@ func readSavedConfig(dir string) (*savedConfig, error) {
 		return nil, fmt.Errorf("peft: %s: unsupported format version %d or no method name",
 			filepath.Join(dir, ConfigFile), saved.FormatVersion)
 	}
+	if saved.StateFile != "" && saved.StateFile != ModelWeightsFile {
+		return nil, fmt.Errorf("peft: %s: unexpected state_file %q", filepath.Join(dir, ConfigFile), saved.StateFile)
+	}
 	return &saved, nil
 }
 
-// Load reads a state written by Save into the model's method. The method must be of the same
-// kind and configuration, and every tensor must be present with the shape the model expects:
-// everything is checked before any variable changes, so a failed load leaves the model as it
-// was.
-func (m *Model) Load(dir string) error {
+// LoadOption changes what Load accepts.
+type LoadOption func(*loadOptions)
+
+type loadOptions struct {
+	allowOtherBase bool
+	adapterName    string
+}
+
+// AllowOtherBase makes Load apply an adapter saved on a base model whose weights differ from the
+// model's (another checkpoint of the same architecture), instead of refusing it with ErrOtherBase.
+func AllowOtherBase() LoadOption { return func(o *loadOptions) { o.allowOtherBase = true } }
+
+// FindAdapterFor is FindAdapter with the sub-folder given as Load's AdapterName option, if any.
+func FindAdapterFor(dir string, opts ...LoadOption) (string, Format, error) {
+	var o loadOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return FindAdapter(dir, o.adapterName)
+}
+
+// AdapterName makes Load read the adapter in the sub-folder name, where PEFT saves adapters
+// other than "default".
+func AdapterName(name string) LoadOption { return func(o *loadOptions) { o.adapterName = name } }
+
+// Load reads a saved state into the model's method: a Hugging Face PEFT adapter folder (written
+// by this SDK or by PEFT: F32, F16 or BF16 tensors), or this SDK's layout. dir is the folder, or
+// a folder with one adapter in a sub-folder (see AdapterName).
+//
+// The method must be of the same kind and configuration (for PEFT folders: every field that
+// changes what the adapter computes; fields we do not implement are errors naming them, fields we
+// do not know are ignored with one log line), every tensor must be present with the shape the
+// model expects, and no tensor may be left over (PEFT drops those silently; a typo in a key would
+// give an adapter that does nothing). An adapter saved by this SDK on a base whose weights differ
+// from the model's is refused (ErrOtherBase) unless AllowOtherBase is given. Everything is checked
+// before any variable changes, so a failed load leaves the model as it was.
+func (m *Model) Load(dir string, opts ...LoadOption) error {
 	if m.method == nil {
 		return errors.New("peft.Model.Load: the model has no method to load into")
 	}
 	if m.Merged() {
 		return fmt.Errorf("peft.Model.Load: %w", ErrMerged)
 	}
+	var o loadOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	folder, format, err := FindAdapter(dir, o.adapterName)
+	if err == nil {
+		if format == FormatPEFT {
+			f, ok := m.method.(PEFTFormat)
+			if !ok {
+				err = fmt.Errorf("%s holds a Hugging Face PEFT adapter, which method %s cannot read", folder, m.method.Name())
+			} else {
+				err = m.loadPEFT(folder, f, o)
+			}
+		} else {
+			err = m.loadOwn(folder, o)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("peft.Model.Load: %w", err)
+	}
+	return nil
+}
+
+func (m *Model) loadPEFT(dir string, f PEFTFormat, o loadOptions) error {
+	fields, err := ReadPEFTFields(dir)
+	if err != nil {
+		return err
+	}
+	if got := fields.PEFTType(); got != f.PEFTType() {
+		return fmt.Errorf("%s holds a %s adapter, the model's method %s reads %s", fields.source, got, m.method.Name(), f.PEFTType())
+	}
+	var task string
+	if err := fields.Get("task_type", &task); err != nil {
+		return err
+	}
+	if task != "" && m.layout.Task != "" && TaskType(task) != m.layout.Task {
+		return fmt.Errorf("%s: task_type %s, the model is %s", fields.source, task, m.layout.Task)
+	}
+	if err := catch(m.method.Name(), func() error { return f.CheckPEFTConfig(fields) }); err != nil {
+		return err
+	}
+	file, err := readAdapterWeights(dir)
+	if err != nil {
+		return err
+	}
+	record, err := ourRecord(file, fields)
+	if err != nil {
+		return err
+	}
+	if record != nil {
+		if err := m.checkBase(record.BaseModel, dir, o); err != nil {
+			return err
+		}
+	}
+	tf := newPEFTTensorFile(file, filepath.Join(dir, AdapterWeightsFile))
+	var values []*tensors.Tensor
+	if err := catch(m.method.Name(), func() error {
+		var err error
+		values, err = f.PEFTValues(m.ctx, fields, tf)
+		return err
+	}); err != nil {
+		return err
+	}
+	if left := tf.left(); len(left) > 0 {
+		return fmt.Errorf("%s has tensors the model's %s adapter does not have (a misspelled key, or another model's layers): %s",
+			tf.source, m.method.Name(), truncateText(fmt.Sprint(left), 400))
+	}
+	if err := m.setState(f.State(m.ctx), values, dir); err != nil {
+		return err
+	}
+	if unknown := fields.Unknown(); len(unknown) > 0 {
+		log.Printf("peft: %s: ignored fields this SDK does not know: %v", fields.source, unknown)
+	}
+	return nil
+}
+
+func (m *Model) loadOwn(dir string, o loadOptions) error {
 	saved, err := readSavedConfig(dir)
 	if err != nil {
 		return err
 	}
 	if saved.Method != m.method.Name() {
-		return fmt.Errorf("peft.Model.Load: %s holds a %s state, the model uses %s", dir, saved.Method, m.method.Name())
+		return fmt.Errorf("%s holds a %s state, the model uses %s", dir, saved.Method, m.method.Name())
 	}
 	current, err := json.Marshal(m.method.Config())
 	if err != nil {
-		return fmt.Errorf("peft.Model.Load: %w", err)
+		return err
 	}
 	if !jsonEqual(current, saved.Config) {
 		var compact bytes.Buffer
 		if json.Compact(&compact, saved.Config) == nil {
 			saved.Config = compact.Bytes()
 		}
-		return fmt.Errorf("peft.Model.Load: the %s config saved in %s differs from the model's: saved %s, model %s",
+		return fmt.Errorf("the %s config saved in %s differs from the model's: saved %s, model %s",
 			saved.Method, dir, saved.Config, current)
 	}
-	statePath := filepath.Join(dir, StateFile)
+	if err := m.checkBase(saved.BaseModel, dir, o); err != nil {
+		return err
+	}
+	stateName := StateFile
+	if saved.StateFile != "" {
+		stateName = saved.StateFile
+	}
+	statePath := filepath.Join(dir, stateName)
 	state, err := os.ReadFile(statePath)
 	if err != nil {
-		return fmt.Errorf("peft.Model.Load: %w", err)
+		return err
 	}
 	if hash := sha256.Sum256(state); hex.EncodeToString(hash[:]) != saved.StateSHA256 {
-		return fmt.Errorf("peft.Model.Load: %s is not the state %s was saved with (its SHA-256 differs: a damaged file or an interrupted save)",
+		return fmt.Errorf("%s is not the state %s was saved with (its SHA-256 differs: a damaged file or an interrupted save)",
 			statePath, ConfigFile)
 	}
 	file, err := safetensors.Parse(state)
 	if err != nil {
-		return fmt.Errorf("peft.Model.Load: %s: %w", statePath, err)
+		return fmt.Errorf("%s: %w", statePath, err)
 	}
 	vars := m.method.State(m.ctx)
 	if len(file.Tensors) != len(vars) || saved.Tensors != len(vars) {
-		return fmt.Errorf("peft.Model.Load: %s has %d tensors, the model's %s state has %d",
-			dir, len(file.Tensors), saved.Method, len(vars))
+		return fmt.Errorf("%s has %d tensors, the model's %s state has %d", dir, len(file.Tensors), saved.Method, len(vars))
 	}
-	values := make([]*tensors.Tensor, len(vars))
+	var values []*tensors.Tensor
+	if saved.TensorNames == tensorNamesHF {
+		tf := newPEFTTensorFile(file, statePath)
+		if values, err = HFValues("", vars, tf); err != nil {
+			return err
+		}
+	} else {
+		for _, v := range vars {
+			st, found := file.Get(v.ScopeAndName())
+			if !found {
+				return fmt.Errorf("tensor %s is missing from %s", v.ScopeAndName(), dir)
+			}
+			if !slices.Equal(st.Shape, v.Shape().Dimensions) {
+				return fmt.Errorf("tensor %s has shape %v in %s, the model expects %v", v.ScopeAndName(), st.Shape, dir, v.Shape().Dimensions)
+			}
+			t, err := st.ToGoMLX()
+			if err != nil {
+				return err
+			}
+			values = append(values, t)
+		}
+	}
+	return m.setState(vars, values, dir)
+}
+
+// checkBase refuses a state saved on another base, unless allowed.
+func (m *Model) checkBase(saved *savedBase, dir string, o loadOptions) error {
+	if saved == nil || saved.Fingerprint == "" || m.fingerprint == "" || saved.Fingerprint == m.fingerprint || o.allowOtherBase {
+		return nil
+	}
+	name := saved.NameOrPath
+	if name == "" {
+		name = "(unnamed)"
+	}
+	return fmt.Errorf("%w: %s was saved on base model %s whose weights have fingerprint %.16s…, this model's base has %.16s… (load with peft.AllowOtherBase() to apply it anyway)",
+		ErrOtherBase, dir, name, saved.Fingerprint, m.fingerprint)
+}
+
+// setState checks values against vars (one each, same dtype and shape) and only then sets them.
+func (m *Model) setState(vars []*context.Variable, values []*tensors.Tensor, dir string) error {
+	if len(values) != len(vars) {
+		return fmt.Errorf("the %s method read %d tensors for a state of %d variables (a bug in the method)", m.method.Name(), len(values), len(vars))
+	}
 	for i, v := range vars {
-		st, found := file.Get(v.ScopeAndName())
-		if !found {
-			return fmt.Errorf("peft.Model.Load: tensor %s is missing from %s", v.ScopeAndName(), dir)
+		if values[i].DType() != v.DType() || !slices.Equal(values[i].Shape().Dimensions, v.Shape().Dimensions) {
+			return fmt.Errorf("tensor for %s is %s in %s, the model expects %s", v.ScopeAndName(), values[i].Shape(), dir, v.Shape())
 		}
-		if !slices.Equal(st.Shape, v.Shape().Dimensions) {
-			return fmt.Errorf("peft.Model.Load: tensor %s has shape %v in %s, the model expects %v",
-				v.ScopeAndName(), st.Shape, dir, v.Shape().Dimensions)
-		}
-		t, err := st.ToGoMLX()
-		if err != nil {
-			return fmt.Errorf("peft.Model.Load: %w", err)
-		}
-		if t.DType() != v.DType() {
-			return fmt.Errorf("peft.Model.Load: tensor %s is %s in %s, the model expects %s",
-				v.ScopeAndName(), t.DType(), dir, v.DType())
-		}
-		values[i] = t
 	}
 	for i, v := range vars {
 		if err := v.SetValue(values[i]); err != nil {
-			return fmt.Errorf("peft.Model.Load: setting %s: %w", v.ScopeAndName(), err)
+			return fmt.Errorf("setting %s: %w", v.ScopeAndName(), err)
 		}
 	}
 	return nil

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -26,11 +27,15 @@ func newLoRAModel(t *testing.T, mutate func(*lora.Config)) (*peft.Model, lora.Co
 	return pefttest.NewModel(t, l), cfg
 }
 
+// A LoRA model saves a Hugging Face PEFT folder: exactly the two files, adapter_config.json as
+// PEFT writes it, and the SDK's configuration (seed included) comes back from the record in the
+// tensors' metadata.
 func TestSaveAndReadConfig(t *testing.T) {
 	m, cfg := newLoRAModel(t, func(c *lora.Config) {
 		c.Rank = 4
-		c.RankPattern = map[string]int{"v_proj": 2}
+		c.RankPattern = peft.Patterns[int]{{Key: "v_proj", Value: 2}}
 		c.TargetModules = peft.TargetPattern(`.*\.(q|v)_proj`)
+		c.Seed = 7
 	})
 	dir := filepath.Join(t.TempDir(), "nested", "state")
 	require.NoError(t, m.Save(dir))
@@ -40,7 +45,7 @@ func TestSaveAndReadConfig(t *testing.T) {
 	for _, e := range entries {
 		names = append(names, e.Name())
 	}
-	require.ElementsMatch(t, []string{peft.ConfigFile, peft.StateFile}, names, "exactly the two files, no temporary ones")
+	require.ElementsMatch(t, []string{peft.AdapterConfigFile, peft.AdapterWeightsFile}, names, "exactly the two files, no temporary ones")
 
 	var back lora.Config
 	method, err := peft.ReadConfig(dir, &back)
@@ -48,19 +53,31 @@ func TestSaveAndReadConfig(t *testing.T) {
 	require.Equal(t, "lora", method)
 	require.Equal(t, cfg, back)
 
-	// The config file is the documented JSON: format version, method, config, tensor count
-	// (A and B of 2 layers × 2 targets, and the head).
-	data, err := os.ReadFile(filepath.Join(dir, peft.ConfigFile))
+	data, err := os.ReadFile(filepath.Join(dir, peft.AdapterConfigFile))
 	require.NoError(t, err)
+	text := string(data)
+	require.Contains(t, text, "\n  \"lora_alpha\": 8,\n", "indent 2, integral alpha as an integer")
+	require.Contains(t, text, `"target_modules": ".*\\.(q|v)_proj"`)
 	var raw map[string]any
 	require.NoError(t, json.Unmarshal(data, &raw))
-	require.EqualValues(t, 1, raw["format_version"])
-	require.Equal(t, "lora", raw["method"])
-	require.EqualValues(t, 9, raw["tensors"])
-	require.Equal(t, `.*\.(q|v)_proj`, raw["config"].(map[string]any)["target_modules"])
+	require.Equal(t, "LORA", raw["peft_type"])
+	require.Equal(t, "SEQ_CLS", raw["task_type"])
+	require.Equal(t, true, raw["inference_mode"])
+	require.EqualValues(t, 4, raw["r"])
+	require.Equal(t, map[string]any{"v_proj": 2.0}, raw["rank_pattern"])
+	require.Equal(t, []any{"score"}, raw["modules_to_save"])
+	require.NotContains(t, raw, "seed", "PEFT before 0.14 fails on fields it does not know")
+	var keys []string
+	for _, line := range strings.Split(text, "\n") {
+		if strings.HasPrefix(line, `  "`) {
+			keys = append(keys, strings.SplitN(strings.TrimSpace(line), `"`, 3)[1])
+		}
+	}
+	require.True(t, slices.IsSorted(keys), "keys sorted as PEFT writes them: %v", keys)
+	require.Len(t, keys, len(raw))
 
 	_, err = peft.ReadConfig(filepath.Join(t.TempDir(), "none"), &back)
-	require.ErrorContains(t, err, "no saved method state in")
+	require.ErrorContains(t, err, "no saved adapter in")
 	var wrongType struct {
 		Rank string `json:"r"`
 	}
@@ -73,6 +90,7 @@ func TestSaveAndReadConfig(t *testing.T) {
 		{`{"format_version": 2, "method": "lora", "config": {}}`, "unsupported format version 2"},
 		{`{"format_version": 1, "config": {}}`, "or no method name"},
 		{`[1, 2]`, "is corrupt"},
+		{`{"format_version": 1, "method": "x", "config": {}, "state_file": "../x"}`, "unexpected state_file"},
 	} {
 		bad := t.TempDir()
 		require.NoError(t, os.WriteFile(filepath.Join(bad, peft.ConfigFile), []byte(tc.content), 0o644))
@@ -86,23 +104,30 @@ func TestLoadRejectsOtherStates(t *testing.T) {
 	dir := t.TempDir()
 	require.NoError(t, saved.Save(dir))
 
-	// Another method.
+	// A method without a PEFT form.
 	head := pefttest.NewModel(t, newHead("score"))
 	err := head.Load(dir)
-	require.ErrorContains(t, err, "holds a lora state, the model uses head")
+	require.ErrorContains(t, err, "holds a Hugging Face PEFT adapter, which method head cannot read")
 
 	// The same method with another configuration: the message shows both.
 	other, _ := newLoRAModel(t, func(c *lora.Config) { c.Rank = 4 })
 	before := pefttest.Logits(t, other)
 	err = other.Load(dir)
-	require.ErrorContains(t, err, "the lora config saved in")
-	compact := strings.Join(strings.Fields(err.Error()), "") // the saved config is indented
-	require.Contains(t, compact, `saved{"r":8,`)
-	require.Contains(t, compact, `model{"r":4,`)
+	require.ErrorContains(t, err, "gives another adapter than the model's")
+	require.ErrorContains(t, err, `file {"r":8,`)
+	require.ErrorContains(t, err, `model {"r":4,`)
 	require.Equal(t, before, pefttest.Logits(t, other), "a rejected load changes nothing")
 
-	// The same configuration written with other spacing or key order is the same configuration.
-	data, err := os.ReadFile(filepath.Join(dir, peft.ConfigFile))
+	// Dropout, initialization and seed do not change a trained adapter.
+	same, _ := newLoRAModel(t, func(c *lora.Config) { c.Seed, c.Dropout, c.InitA = 3, 0.1, lora.InitGaussian })
+	require.NoError(t, same.Load(dir))
+	require.Equal(t, pefttest.Logits(t, saved), pefttest.Logits(t, same))
+
+	// This SDK's layout: the same configuration written with other spacing or key order is the
+	// same configuration.
+	headDir := t.TempDir()
+	require.NoError(t, head.Save(headDir))
+	data, err := os.ReadFile(filepath.Join(headDir, peft.ConfigFile))
 	require.NoError(t, err)
 	var raw map[string]json.RawMessage
 	require.NoError(t, json.Unmarshal(data, &raw))
@@ -113,9 +138,12 @@ func TestLoadRejectsOtherStates(t *testing.T) {
 	raw["config"] = reordered
 	data, err = json.Marshal(raw)
 	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(filepath.Join(dir, peft.ConfigFile), data, 0o644))
-	same, _ := newLoRAModel(t, nil)
-	require.NoError(t, same.Load(dir))
+	require.NoError(t, os.WriteFile(filepath.Join(headDir, peft.ConfigFile), data, 0o644))
+	require.NoError(t, pefttest.NewModel(t, newHead("score")).Load(headDir))
+	err = pefttest.NewModel(t, newHead("model.norm")).Load(headDir)
+	require.ErrorContains(t, err, "the head config saved in")
+	lm, _ := newLoRAModel(t, nil)
+	require.ErrorContains(t, lm.Load(headDir), "holds a head state, the model uses lora")
 
 	// No method: nothing to save or load.
 	plain := pefttest.NewModel(t, nil)
@@ -159,4 +187,20 @@ func TestSaveLoadHead(t *testing.T) {
 	require.NoError(t, norm.Save(filepath.Join(dir, "norm")))
 	err = fresh.Load(filepath.Join(dir, "norm"))
 	require.ErrorContains(t, err, "config saved in")
+	require.Equal(t, []string{peft.ConfigFile, peft.StateFile}, filesIn(t, filepath.Join(dir, "norm")),
+		"a method PEFT does not have saves in this SDK's layout")
+}
+
+func filesIn(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	var names []string
+	for _, e := range entries {
+		if !e.IsDir() {
+			names = append(names, e.Name())
+		}
+	}
+	slices.Sort(names)
+	return names
 }

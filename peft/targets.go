@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"regexp"
-	"sort"
 	"strings"
 
 	"github.com/gomlx/gomlx/pkg/ml/context"
@@ -122,36 +121,6 @@ func (t *Targets) UnmarshalJSON(data []byte) error {
 		return fmt.Errorf("target modules must be a string or a list of strings: %w", err)
 	}
 	*t = Targets{Names: names}
-	return nil
-}
-
-// PatternValue looks up a per-layer override (HF's rank_pattern, alpha_pattern): each key is a
-// regular expression matched against the end of the layer path, after a dot or the whole path.
-// Keys are tried in sorted order and the first match wins, so the result does not depend on map
-// order.
-func PatternValue[T any](patterns map[string]T, path string) (value T, found bool) {
-	keys := make([]string, 0, len(patterns))
-	for key := range patterns {
-		keys = append(keys, key)
-	}
-	sort.Strings(keys)
-	for _, key := range keys {
-		re, err := regexp.Compile(`(?:^|\.)(?:` + key + `)$`)
-		if err == nil && re.MatchString(path) {
-			return patterns[key], true
-		}
-	}
-	return value, false
-}
-
-// ValidatePatterns checks that every key of a per-layer override map is a valid regular
-// expression.
-func ValidatePatterns[T any](what string, patterns map[string]T) error {
-	for key := range patterns {
-		if _, err := regexp.Compile(key); err != nil {
-			return fmt.Errorf("%s key %q is not a valid regular expression: %w", what, key, err)
-		}
-	}
 	return nil
 }
 

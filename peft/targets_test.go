@@ -173,48 +173,59 @@ func TestTargetsString(t *testing.T) {
 	require.False(t, peft.TargetNames("x").IsZero())
 }
 
-func TestPatternValue(t *testing.T) {
-	patterns := map[string]int{
-		"q_proj":                 4,
-		`layers\.0\..*`:          1, // sorts before "q_proj": wins on block 0
-		`mlp\.(up|down)_proj`:    16,
-		`model\.layers\.1\.mlp`:  99, // never matches a layer path: it must match up to the end
-		`self_attn\.k_proj|o_pr`: 7,
-	}
+func TestPatternsLookup(t *testing.T) {
+	// In file order: `layers\.0\..*` comes first, so it wins on block 0 (PEFT's rule: the first
+	// matching key in the config's order).
+	var patterns peft.Patterns[int]
+	require.NoError(t, json.Unmarshal([]byte(`{
+		"layers\\.0\\..*": 1,
+		"q_proj": 4,
+		"mlp\\.(up|down)_proj": 16,
+		"model\\.layers\\.1\\.mlp": 99,
+		"self_attn\\.k_proj|o_pr": 7}`), &patterns))
+	require.Equal(t, `layers\.0\..*`, patterns[0].Key)
 	for _, tc := range []struct {
 		path  string
 		want  int
 		found bool
 	}{
 		{"model.layers.1.self_attn.q_proj", 4, true},
-		{"model.layers.0.self_attn.q_proj", 1, true}, // `layers\.0\..*` < "q_proj" in sorted order
+		{"model.layers.0.self_attn.q_proj", 1, true}, // the first key wins
 		{"model.layers.0.mlp.up_proj", 1, true},
 		{"model.layers.1.mlp.up_proj", 16, true},
 		{"model.layers.1.mlp.down_proj", 16, true},
-		{"model.layers.1.mlp.gate_proj", 0, false},
-		{"model.layers.1.self_attn.k_proj", 7, true},
+		{"model.layers.1.mlp.gate_proj", 0, false},     // `model\.layers\.1\.mlp` must reach the end
+		{"model.layers.1.self_attn.k_proj", 7, true},   // `(.*\.)?(k_proj|o_pr)$`: the alternation is grouped
 		{"model.layers.1.self_attn.o_proj", 0, false},  // "o_pr" must reach the end of the path
 		{"model.layers.1.self_attn.xq_proj", 0, false}, // suffix must follow a dot
 		{"q_proj", 4, true},                            // or be the whole path
 	} {
-		got, found := peft.PatternValue(patterns, tc.path)
+		got, found := patterns.Lookup(tc.path)
 		require.Equal(t, tc.found, found, tc.path)
 		require.Equal(t, tc.want, got, tc.path)
 	}
-	// The first match in sorted key order wins, whatever the map order: run it many times.
-	for range 50 {
-		got, _ := peft.PatternValue(map[string]string{"b_proj": "b", `.*_proj`: "any", "a_proj": "a"}, "x.b_proj")
-		require.Equal(t, "any", got, `".*_proj" sorts first`)
-		got, _ = peft.PatternValue(map[string]string{"b_proj": "b", `x\.b_proj`: "full"}, "x.b_proj")
-		require.Equal(t, "b", got, `"b_proj" < "x\\.b_proj"`)
-	}
-	_, found := peft.PatternValue(map[string]int{}, "q_proj")
+	// Order decides, not the keys' sort order.
+	reversed := peft.Patterns[string]{{Key: `x\.b_proj`, Value: "full"}, {Key: "b_proj", Value: "b"}}
+	got, _ := reversed.Lookup("x.b_proj")
+	require.Equal(t, "full", got)
+	got, _ = peft.Patterns[string]{reversed[1], reversed[0]}.Lookup("x.b_proj")
+	require.Equal(t, "b", got)
+	_, found := peft.Patterns[int]{}.Lookup("q_proj")
 	require.False(t, found)
-	_, found = peft.PatternValue(map[string]int{"q_proj(": 1}, "q_proj(")
+	_, found = peft.Patterns[int]{{Key: "q_proj(", Value: 1}}.Lookup("q_proj(")
 	require.False(t, found, "an invalid key matches nothing")
 
-	require.NoError(t, peft.ValidatePatterns("rank_pattern", patterns))
-	require.ErrorContains(t, peft.ValidatePatterns("rank_pattern", map[string]int{"q_proj(": 2}),
+	// JSON keeps the order both ways; duplicates and non-objects are errors.
+	data, err := json.Marshal(patterns)
+	require.NoError(t, err)
+	require.Equal(t, `{"layers\\.0\\..*":1,"q_proj":4,"mlp\\.(up|down)_proj":16,"model\\.layers\\.1\\.mlp":99,"self_attn\\.k_proj|o_pr":7}`, string(data))
+	require.Error(t, json.Unmarshal([]byte(`{"a": 1, "a": 2}`), &patterns))
+	require.Error(t, json.Unmarshal([]byte(`[1]`), &patterns))
+	require.NoError(t, json.Unmarshal([]byte(`null`), &patterns))
+	require.Nil(t, patterns)
+
+	require.NoError(t, peft.Patterns[int]{{Key: "q_proj", Value: 1}}.Validate("rank_pattern"))
+	require.ErrorContains(t, peft.Patterns[int]{{Key: "q_proj(", Value: 2}}.Validate("rank_pattern"),
 		`rank_pattern key "q_proj(" is not a valid regular expression`)
 }
 

@@ -118,9 +118,10 @@ func (c Config) Validate() error {
 
 // PromptTuning is the prompt-tuning method. It implements peft.Method and peft.InputsHook.
 type PromptTuning struct {
-	cfg     Config
-	prompt  *context.Variable   // [k, d]
-	modules []*context.Variable // ModulesToSave's variables
+	cfg       Config
+	prompt    *context.Variable   // [k, d]
+	modules   []*context.Variable // ModulesToSave's variables
+	numLayers int                 // the model's transformer blocks, for PEFT's num_layers
 }
 
 // New returns prompt tuning with cfg, or an error naming what is wrong with it.
@@ -162,6 +163,7 @@ func (p *PromptTuning) Init(ctx *context.Context, layout *peft.Layout) error {
 		return fmt.Errorf("prompt_tuning: %w", err)
 	}
 	p.prompt = peft.NewVariable(ctx.InAbsPath(Scope), VariableName, values, k, dim)
+	p.numLayers = layout.NumLayers
 	return nil
 }
 

@@ -143,7 +143,7 @@ func SaveQuantized(dir string, cfg llama.Config, m *peft.Model, from fs.FS, copy
 		if current == nil {
 			return fmt.Errorf("qlora.SaveQuantized: variable %s no longer exists", v.ScopeAndName())
 		}
-		name, transposed, err := hfName(current)
+		name, transposed, err := peft.HFName(current)
 		if err != nil {
 			return err
 		}
@@ -153,7 +153,7 @@ func SaveQuantized(dir string, cfg llama.Config, m *peft.Model, from fs.FS, copy
 		}
 		dims := current.Shape().Dimensions
 		if transposed {
-			values, dims = transpose(values, dims[0], dims[1]), []int{dims[1], dims[0]}
+			values, dims = peft.Transpose(values, dims[0], dims[1]), []int{dims[1], dims[0]}
 		}
 		out = append(out, safetensors.FromFloat32(name, dims, values))
 	}
@@ -199,24 +199,6 @@ func (l *QLoRA) quantFor(v *context.Variable) *quantLayer {
 		}
 	}
 	return nil
-}
-
-// hfName names a variable of a model built with peft's building blocks the way Hugging Face
-// names its tensor (package llama's mapping): <scope>/embeddings → <path>.weight,
-// <scope>/dense/weights → <path>.weight (transposed to [out, in]), <scope>/dense/biases →
-// <path>.bias, <scope>/weight → <path>.weight.
-func hfName(v *context.Variable) (name string, transposed bool, err error) {
-	scope := v.Scope()
-	dense, isDense := strings.CutSuffix(scope, context.ScopeSeparator+"dense")
-	switch {
-	case v.Name() == "embeddings" || v.Name() == "weight":
-		return peft.ScopeToPath(scope) + ".weight", false, nil
-	case isDense && v.Name() == "weights" && v.Shape().Rank() == 2:
-		return peft.ScopeToPath(dense) + ".weight", true, nil
-	case isDense && v.Name() == "biases":
-		return peft.ScopeToPath(dense) + ".bias", false, nil
-	}
-	return "", false, fmt.Errorf("qlora.SaveQuantized: no Hugging Face name for variable %s", v.ScopeAndName())
 }
 
 // hfConfigJSON is config.json for cfg with the quantization recorded as transformers'

@@ -88,7 +88,7 @@ func Example() {
 	}
 	fmt.Println("re-quantized merge changes the logits:", report.MaxAbsChange > 1e-3)
 	// Output:
-	// trainable params: 46,240 || all params: 79,712 || trainable%: 58.0088
+	// trainable params: 46,240 || all params: 306,272 || trainable%: 15.0977
 	// 4-bit weights: 226,560 in 35 layers, 4.135 bits each
 	// loss went down: true
 	// dequantized merge changes the logits by < 1e-4: true

@@ -235,7 +235,7 @@ func (l *QLoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 		if err != nil {
 			return fmt.Errorf("qlora: %s: %w", layer.Path, err)
 		}
-		torchOrder := transpose(values, layer.In, layer.Out) // [out, in]
+		torchOrder := peft.Transpose(values, layer.In, layer.Out) // [out, in]
 		var q *bnb.Quantized
 		if pre := l.pre[layer.Path]; pre != nil {
 			if err := checkPrequantized(pre, layer, opts, torchOrder); err != nil {
@@ -342,17 +342,6 @@ func (ql *quantLayer) variables() []*context.Variable {
 		vars = append(vars, ql.nested, ql.offset)
 	}
 	return vars
-}
-
-// transpose turns a row-major [rows, cols] matrix into [cols, rows].
-func transpose(v []float32, rows, cols int) []float32 {
-	out := make([]float32, len(v))
-	for r := range rows {
-		for c := range cols {
-			out[c*rows+r] = v[r*cols+c]
-		}
-	}
-	return out
 }
 
 // Targets lists the paths of the layers LoRA adapts, in model order.
@@ -507,7 +496,7 @@ func (l *QLoRA) Merge(ctx *context.Context) error {
 	merged := make([][]float32, len(l.quantOrder))
 	requantized := make([]*bnb.Quantized, len(l.quantOrder))
 	for i, ql := range l.quantOrder {
-		w := transpose(ql.q.Dequantize(), ql.layer.Out, ql.layer.In) // [in, out]
+		w := peft.Transpose(ql.q.Dequantize(), ql.layer.Out, ql.layer.In) // [in, out]
 		if d := deltas[ql.layer.Path]; d != nil {
 			for k := range w {
 				w[k] += d[k]
@@ -515,7 +504,7 @@ func (l *QLoRA) Merge(ctx *context.Context) error {
 		}
 		merged[i] = w
 		if l.mergeMode == MergeRequantized {
-			q, err := bnb.Quantize(transpose(w, ql.layer.In, ql.layer.Out), []int{ql.layer.Out, ql.layer.In}, ql.q.Options())
+			q, err := bnb.Quantize(peft.Transpose(w, ql.layer.In, ql.layer.Out), []int{ql.layer.Out, ql.layer.In}, ql.q.Options())
 			if err != nil {
 				return fmt.Errorf("qlora: re-quantizing %s: %w", ql.layer.Path, err)
 			}

@@ -105,9 +105,15 @@ func TestCountsAndFrozenStorage(t *testing.T) {
 	require.Len(t, q.QuantizedLayers(), 14)
 	weights := int64(2 * (32*32 + 32*16 + 32*16 + 32*32 + 3*32*64))
 	require.Equal(t, weights, q.QuantizedParams())
-	// Report's "all params" counts the base variables that still exist: the quantized weights
-	// are not among them.
-	require.Equal(t, int64(64*32+2*2*32+32)+report.Trainable, report.All) // embeddings, norms
+	// Report's "all params" counts the quantized weights as the parameters they stand for, as
+	// Hugging Face does, besides the base variables that still exist (embeddings, norms) and the
+	// trainable ones: the same total as LoRA on the float base.
+	require.Equal(t, weights+int64(64*32+2*2*32+32)+report.Trainable, report.All)
+	loraCfg := qlora.DefaultConfig().Config
+	loraCfg.ModulesToSave = []string{"score"}
+	plain, err := lora.New(loraCfg)
+	require.NoError(t, err)
+	require.Equal(t, pefttest.NewModel(t, plain).Report().All, report.All)
 
 	trainable := map[*context.Variable]bool{}
 	for _, tv := range m.TrainableVariables() {

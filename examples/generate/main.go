@@ -46,7 +46,7 @@ func main() {
 	modelDir := flag.String("model", "", "Hugging Face Llama folder (default: the embedded stories260K)")
 	prompt := flag.String("prompt", "", "text to continue (the tokenizer adds <s>)")
 	maxNew := flag.Int("max-new-tokens", 64, "number of tokens to generate at most")
-	adapterDir := flag.String("adapter", "", "folder of a saved method state to apply (peft.Model.Save)")
+	adapterDir := flag.String("adapter", "", "saved adapter to apply: a Hugging Face PEFT folder (from this SDK or PEFT) or this SDK's layout")
 	asJSON := flag.Bool("json", false, "print one JSON object on the last line of stdout")
 	temperature := flag.Float64("temperature", 0, "sampling temperature (0: greedy)")
 	topK := flag.Int("top-k", 0, "sample among the k most likely tokens (0: off)")
@@ -86,6 +86,7 @@ func run(modelDir, prompt string, maxNew int, adapterDir string, asJSON bool, ge
 	if err != nil {
 		return fmt.Errorf("model %s: %w", name, err)
 	}
+	peft.NameBaseModel(ctx, name)
 	var method peft.Method
 	if adapterDir != "" {
 		if method, err = methods.FromSaved(adapterDir); err != nil {

@@ -1,4 +1,5 @@
-// Command merge folds a saved LoRA state into its base model and writes the result as a standard
+// Command merge folds a saved LoRA or AdaLoRA adapter (a Hugging Face PEFT folder, written by this
+// SDK or by PEFT) into its base model and writes the result as a standard
 // Hugging Face folder (config.json, model.safetensors with Hugging Face names and [out, in]
 // layout, tokenizer files copied), which this SDK and Hugging Face transformers load like any
 // checkpoint, with no adapter left to apply at inference.
@@ -26,7 +27,7 @@ import (
 
 func main() {
 	modelDir := flag.String("model", "", "base model: a Hugging Face Llama folder (default: the embedded stories260K)")
-	adapterDir := flag.String("adapter", "", "saved method state to merge (peft.Model.Save of a LoRA model)")
+	adapterDir := flag.String("adapter", "", "saved adapter to merge: a Hugging Face PEFT LoRA/AdaLoRA folder (from this SDK or from PEFT) or this SDK's layout")
 	out := flag.String("out", "", "folder to write the merged model to")
 	flag.Parse()
 	if *adapterDir == "" || *out == "" {
@@ -49,15 +50,16 @@ func run(modelDir, adapterDir, out string) error {
 		return err
 	}
 	fmt.Println(backend.Description())
-	fsys := stories260k.FS()
+	fsys, name := stories260k.FS(), stories260k.Name
 	if modelDir != "" {
-		fsys = os.DirFS(modelDir)
+		fsys, name = os.DirFS(modelDir), modelDir
 	}
 	ctx := context.New()
 	cfg, err := llama.LoadPretrainedFS(ctx, fsys)
 	if err != nil {
 		return err
 	}
+	peft.NameBaseModel(ctx, name)
 	method, err := methods.FromSaved(adapterDir)
 	if err != nil {
 		return err

@@ -124,9 +124,14 @@ func hfTensors(cfg Config) []hfTensor {
 // float32. Every tensor the configuration implies must be present with the implied shape;
 // missing or unexpected tensors and shape mismatches are errors that name the tensor. With tied
 // embeddings, an lm_head.weight in the file must equal the embeddings. Variables already in ctx
-// are overwritten.
+// are overwritten. The folder and its config.json are recorded as the context's base model
+// (peft.SetBaseModel), which saved adapters name; LoadPretrainedFS records no name.
 func LoadPretrained(ctx *context.Context, dir string) (Config, error) {
-	return LoadPretrainedFS(ctx, os.DirFS(dir))
+	cfg, err := LoadPretrainedFS(ctx, os.DirFS(dir))
+	if err == nil {
+		peft.NameBaseModel(ctx, dir)
+	}
+	return cfg, err
 }
 
 // LoadPretrainedFS is LoadPretrained from a file system (such as an embedded model).
@@ -181,7 +186,7 @@ func LoadPretrainedFS(ctx *context.Context, fsys fs.FS) (Config, error) {
 		v := values[t.name]
 		dims := t.dims
 		if t.transpose {
-			v, dims = transpose(v, dims[0], dims[1]), []int{dims[1], dims[0]}
+			v, dims = peft.Transpose(v, dims[0], dims[1]), []int{dims[1], dims[0]}
 		}
 		scope := ctx.InAbsPath(t.scope)
 		if existing := scope.GetVariableByScopeAndName(t.scope, t.variable); existing != nil {
@@ -192,6 +197,7 @@ func LoadPretrainedFS(ctx *context.Context, fsys fs.FS) (Config, error) {
 		}
 		peft.NewVariable(scope, t.variable, v, dims...)
 	}
+	peft.SetBaseModel(ctx, peft.BaseModel{Config: data})
 	return cfg, nil
 }
 
@@ -240,24 +246,19 @@ func readWeights(fsys fs.FS) (map[string]*safetensors.Tensor, error) {
 	return found, nil
 }
 
-func transpose(v []float32, rows, cols int) []float32 {
-	out := make([]float32, len(v))
-	for r := range rows {
-		for c := range cols {
-			out[c*rows+r] = v[r*cols+c]
-		}
-	}
-	return out
-}
-
 // SaveHF writes the Llama model in ctx as a standard Hugging Face folder that this package and
 // Hugging Face transformers load: config.json and model.safetensors (Hugging Face names, [out,
 // in] layout, F32). Files named in copyFiles (such as tokenizer.json) are copied from from
 // (such as the base model's folder, os.DirFS(dir)), when it is not nil. Each file is written
-// atomically. Use it after peft.Model.Merge to export a fine-tuned model.
+// atomically. Use it after peft.Model.Merge to export a fine-tuned model: a model applied to ctx
+// whose fine-tune lives outside the base weights (an unmerged LoRA, adapters, prompt tuning) is
+// an error (peft.CheckExport), as the written model would silently lack it.
 func SaveHF(dir string, cfg Config, ctx *context.Context, from fs.FS, copyFiles ...string) error {
 	if err := cfg.Validate(); err != nil {
 		return err
+	}
+	if err := peft.CheckExport(ctx); err != nil {
+		return fmt.Errorf("llama.SaveHF: %w", err)
 	}
 	var out []safetensors.Tensor
 	for _, t := range hfTensors(cfg) {
@@ -270,7 +271,7 @@ func SaveHF(dir string, cfg Config, ctx *context.Context, from fs.FS, copyFiles 
 			return fmt.Errorf("llama.SaveHF: %s: %w", t.name, err)
 		}
 		if t.transpose {
-			values = transpose(values, t.dims[1], t.dims[0])
+			values = peft.Transpose(values, t.dims[1], t.dims[0])
 		}
 		if !slices.Equal(v.Shape().Dimensions, hfVariableDims(t)) {
 			return fmt.Errorf("llama.SaveHF: variable %s has shape %v, config implies %v", v.ScopeAndName(), v.Shape().Dimensions, hfVariableDims(t))
@@ -295,15 +296,24 @@ func SaveHF(dir string, cfg Config, ctx *context.Context, from fs.FS, copyFiles 
 	if err := safetensors.Write(filepath.Join(dir, "model.safetensors"), out, map[string]string{"format": "pt"}); err != nil {
 		return fmt.Errorf("llama.SaveHF: %w", err)
 	}
+	data, err := hfConfigJSON(cfg)
+	if err != nil {
+		return err
+	}
+	return atomicfile.Write(filepath.Join(dir, "config.json"), data)
+}
+
+// hfConfigJSON is the config.json of a Llama model with cfg, as SaveHF writes it.
+func hfConfigJSON(cfg Config) ([]byte, error) {
 	hf := hfConfig{Config: cfg, Architectures: []string{"LlamaForCausalLM"}, ModelType: "llama", HiddenAct: "silu", HeadDim: cfg.HeadDim()}
 	data, err := json.MarshalIndent(struct {
 		hfConfig
 		TorchDType string `json:"torch_dtype"`
 	}{hf, "float32"}, "", "  ")
 	if err != nil {
-		return err
+		return nil, err
 	}
-	return atomicfile.Write(filepath.Join(dir, "config.json"), append(data, '\n'))
+	return append(data, '\n'), nil
 }
 
 // hfVariableDims is the shape of our variable for a Hugging Face tensor.

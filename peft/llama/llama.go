@@ -132,6 +132,13 @@ func Init(ctx *context.Context, cfg Config, numLabels int, seed uint64) error {
 	case !cfg.TieEmbeddings:
 		normal(ctx.In("lm_head").In("dense"), "weights", d, cfg.VocabSize)
 	}
+	if peft.BaseModelOf(ctx).Config == nil { // a loaded checkpoint keeps its own record
+		data, err := hfConfigJSON(cfg)
+		if err != nil {
+			return err
+		}
+		peft.SetBaseModel(ctx, peft.BaseModel{Config: data})
+	}
 	return nil
 }
 
@@ -140,6 +147,7 @@ func Init(ctx *context.Context, cfg Config, numLabels int, seed uint64) error {
 // [batch, seq, vocab].
 func CausalLM(cfg Config) peft.ModelFn {
 	return func(ctx *context.Context, _ any, inputs []*graph.Node) []*graph.Node {
+		peft.SetTask(ctx, inputs[0].Graph(), peft.TaskCausalLM)
 		hidden, _ := Decoder(ctx, cfg, inputs)
 		var logits *graph.Node
 		if cfg.TieEmbeddings {
@@ -158,6 +166,7 @@ func CausalLM(cfg Config) peft.ModelFn {
 // LlamaForSequenceClassification does.
 func Classifier(cfg Config, numLabels int) peft.ModelFn {
 	return func(ctx *context.Context, _ any, inputs []*graph.Node) []*graph.Node {
+		peft.SetTask(ctx, inputs[0].Graph(), peft.TaskSeqCls)
 		hidden, mask := Decoder(ctx, cfg, inputs)
 		seq := hidden.Shape().Dim(1)
 		// One-hot of the last real position: a gather without Slice, whose gradient the pure-Go

@@ -1,11 +1,17 @@
-// Package methods rebuilds a fine-tuning method from a saved state: it reads the method's name
-// and configuration that peft.Model.Save wrote and constructs the matching method, so a program
-// can load any saved adapter without knowing in advance which method made it.
+// Package methods rebuilds a fine-tuning method from a saved folder, so a program can load any
+// adapter without knowing in advance which method made it: a Hugging Face PEFT adapter folder
+// (written by this SDK or by PEFT itself, e.g. downloaded from the Hub) or a folder in this SDK's
+// own layout. Apply does it all in one call: build the method, apply it to a base model, load.
 package methods
 
 import (
+	"encoding/json"
 	"fmt"
 	"sort"
+
+	"github.com/gomlx/gomlx/backends"
+	"github.com/gomlx/gomlx/pkg/core/shapes"
+	"github.com/gomlx/gomlx/pkg/ml/context"
 
 	"peft/adapter"
 	"peft/full"
@@ -16,8 +22,8 @@ import (
 	"peft/qlora"
 )
 
-// constructors builds each method from the configuration saved in a folder.
-var constructors = map[string]func(dir string) (peft.Method, error){
+// constructors builds each method from the configuration this SDK saved (JSON).
+var constructors = map[string]func(config json.RawMessage) (peft.Method, error){
 	"lora":          fromConfig(lora.New),
 	"adapter":       fromConfig(adapter.New),
 	"prompt_tuning": fromConfig(prompttuning.New),
@@ -26,38 +32,101 @@ var constructors = map[string]func(dir string) (peft.Method, error){
 	"adalora":       fromConfig(adalora.New),
 }
 
+// peftConstructors builds each method Hugging Face PEFT has from an adapter_config.json, by
+// peft_type.
+var peftConstructors = map[string]func(fields *peft.PEFTFields) (peft.Method, error){
+	"LORA":          fromPEFT(lora.ParsePEFTConfig, lora.New),
+	"ADALORA":       fromPEFT(adalora.ParsePEFTConfig, adalora.New),
+	"PROMPT_TUNING": fromPEFT(prompttuning.ParsePEFTConfig, prompttuning.New),
+}
+
 // fromConfig returns a constructor that decodes the saved configuration into C and calls newFn.
-func fromConfig[C any, M peft.Method](newFn func(C) (M, error)) func(dir string) (peft.Method, error) {
-	return func(dir string) (peft.Method, error) {
+func fromConfig[C any, M peft.Method](newFn func(C) (M, error)) func(config json.RawMessage) (peft.Method, error) {
+	return func(config json.RawMessage) (peft.Method, error) {
 		var cfg C
-		if _, err := peft.ReadConfig(dir, &cfg); err != nil {
+		if err := json.Unmarshal(config, &cfg); err != nil {
 			return nil, err
 		}
 		return newFn(cfg)
 	}
 }
 
-// Names lists the methods FromSaved knows, sorted.
-func Names() []string {
-	names := make([]string, 0, len(constructors))
-	for name := range constructors {
+// fromPEFT returns a constructor that parses a PEFT configuration into C and calls newFn.
+func fromPEFT[C any, M peft.Method](parse func(*peft.PEFTFields) (C, error), newFn func(C) (M, error)) func(*peft.PEFTFields) (peft.Method, error) {
+	return func(fields *peft.PEFTFields) (peft.Method, error) {
+		cfg, err := parse(fields)
+		if err != nil {
+			return nil, err
+		}
+		return newFn(cfg)
+	}
+}
+
+// Names lists the methods of this SDK that FromFolder knows, sorted.
+func Names() []string { return sortedKeys(constructors) }
+
+// PEFTTypes lists the Hugging Face PEFT adapter types FromFolder reads, sorted.
+func PEFTTypes() []string { return sortedKeys(peftConstructors) }
+
+func sortedKeys[V any](m map[string]V) []string {
+	names := make([]string, 0, len(m))
+	for name := range m {
 		names = append(names, name)
 	}
 	sort.Strings(names)
 	return names
 }
 
-// FromSaved returns a new method built from the configuration saved in dir. Apply it to the same
-// base model with peft.NewModel, then call Model.Load(dir).
-func FromSaved(dir string) (peft.Method, error) {
-	var probe map[string]any
-	name, err := peft.ReadConfig(dir, &probe)
+// FromFolder returns a new method built from the adapter saved in dir (see peft.FindAdapter; name
+// picks a sub-folder, "" for the folder itself or its only adapter). A folder this SDK wrote
+// rebuilds the exact method that saved it (QLoRA included, whose folder is a LoRA adapter to
+// PEFT); a folder PEFT wrote is built from adapter_config.json's peft_type and fields. Apply the
+// method to the same base model with peft.NewModel, then call Model.Load(dir) — or use Apply.
+func FromFolder(dir, name string) (peft.Method, error) {
+	saved, err := peft.ReadAdapter(dir, name)
 	if err != nil {
 		return nil, err
 	}
-	construct, found := constructors[name]
-	if !found {
-		return nil, fmt.Errorf("methods: %s holds a %q state; known methods: %v", dir, name, Names())
+	if saved.Method != "" {
+		construct, found := constructors[saved.Method]
+		if !found {
+			return nil, fmt.Errorf("methods: %s holds a %q state; known methods: %v", saved.Dir, saved.Method, Names())
+		}
+		method, err := construct(saved.Config)
+		if err != nil {
+			return nil, fmt.Errorf("methods: %s config in %s: %w", saved.Method, saved.Dir, err)
+		}
+		return method, nil
 	}
-	return construct(dir)
+	construct, found := peftConstructors[saved.Fields.PEFTType()]
+	if !found {
+		return nil, fmt.Errorf("methods: %s: peft_type %q is not supported; supported: %v", saved.Fields.Source(), saved.Fields.PEFTType(), PEFTTypes())
+	}
+	return construct(saved.Fields)
+}
+
+// FromSaved is FromFolder(dir, "").
+func FromSaved(dir string) (peft.Method, error) { return FromFolder(dir, "") }
+
+// Apply builds the method saved in dir (FromFolder), applies it to the model fn whose base
+// weights are in ctx (peft.NewModel, traced with inputs shaped like example) and loads the saved
+// state: one call from a folder to a model ready to run. opts are Model.Load's
+// (peft.AdapterName picks the sub-folder for both steps, peft.AllowOtherBase).
+func Apply(backend backends.Backend, ctx *context.Context, fn peft.ModelFn, dir string, example []shapes.Shape, opts ...peft.LoadOption) (*peft.Model, error) {
+	folder, _, err := peft.FindAdapterFor(dir, opts...)
+	if err != nil {
+		return nil, err
+	}
+	method, err := FromFolder(folder, "")
+	if err != nil {
+		return nil, err
+	}
+	m, err := peft.NewModel(backend, ctx, fn, method, example...)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.Load(dir, opts...); err != nil {
+		return nil, err
+	}
+	return m, nil
 }

@@ -71,5 +71,5 @@ func TestFromSavedRebuildsEveryMethod(t *testing.T) {
 		})
 	}
 	_, err := methods.FromSaved(t.TempDir())
-	require.ErrorContains(t, err, "no saved method state")
+	require.ErrorContains(t, err, "no saved adapter")
 }

@@ -217,20 +217,22 @@ func CheckSaveLoad(t *testing.T, newMethod func() peft.Method) {
 	other := NewModel(t, newMethod())
 	otherLogits := Logits(t, other)
 	require.Error(t, other.Load(filepath.Join(t.TempDir(), "missing")))
-	stateData, err := os.ReadFile(filepath.Join(dir, peft.StateFile))
+	stateFile, configFile := SavedFiles(t, dir)
+	stateData, err := os.ReadFile(filepath.Join(dir, stateFile))
 	require.NoError(t, err)
 	for name, mutate := range map[string]func(dir string){
 		"truncated": func(d string) {
-			require.NoError(t, os.WriteFile(filepath.Join(d, peft.StateFile), stateData[:len(stateData)/2], 0o644))
+			require.NoError(t, os.WriteFile(filepath.Join(d, stateFile), stateData[:len(stateData)/2], 0o644))
 		},
 		"corrupt header": func(d string) {
 			bad := append([]byte(nil), stateData...)
 			copy(bad[8:], "{{{{")
-			require.NoError(t, os.WriteFile(filepath.Join(d, peft.StateFile), bad, 0o644))
+			require.NoError(t, os.WriteFile(filepath.Join(d, stateFile), bad, 0o644))
 		},
 		"corrupt config": func(d string) {
-			require.NoError(t, os.WriteFile(filepath.Join(d, peft.ConfigFile), []byte("{not json"), 0o644))
+			require.NoError(t, os.WriteFile(filepath.Join(d, configFile), []byte("{not json"), 0o644))
 		},
+		"missing tensors": func(d string) { require.NoError(t, os.Remove(filepath.Join(d, stateFile))) },
 	} {
 		bad := filepath.Join(t.TempDir(), "bad")
 		require.NoError(t, os.CopyFS(bad, os.DirFS(dir)))
@@ -240,6 +242,23 @@ func CheckSaveLoad(t *testing.T, newMethod func() peft.Method) {
 		t.Logf("%s: %v", name, err)
 		require.Equal(t, otherLogits, Logits(t, other), "a failed load (%s) changed the model", name)
 	}
+}
+
+// SavedFiles returns the tensor file and the configuration file of a folder Model.Save wrote, in
+// whichever layout the method saves: Hugging Face PEFT's (adapter_model.safetensors,
+// adapter_config.json) or the SDK's own (peft_state.safetensors or, for a whole model,
+// model.safetensors, with peft_config.json).
+func SavedFiles(t testing.TB, dir string) (tensors, config string) {
+	t.Helper()
+	_, format, err := peft.FindAdapter(dir, "")
+	require.NoError(t, err)
+	if format == peft.FormatPEFT {
+		return peft.AdapterWeightsFile, peft.AdapterConfigFile
+	}
+	if _, err := os.Stat(filepath.Join(dir, peft.ModelWeightsFile)); err == nil {
+		return peft.ModelWeightsFile, peft.ConfigFile
+	}
+	return peft.StateFile, peft.ConfigFile
 }
 
 // freshProcessEnv tells a test binary started by CheckLoadInFreshProcess to act as the child.

@@ -1,0 +1,243 @@
+package lora
+
+import (
+	"encoding/json"
+	"fmt"
+	"math"
+	"reflect"
+	"slices"
+
+	"github.com/gomlx/gomlx/pkg/core/tensors"
+	"github.com/gomlx/gomlx/pkg/ml/context"
+
+	"peft/peft"
+	"peft/peft/safetensors"
+)
+
+// Hugging Face PEFT's layout of a LoRA adapter (peft.PEFTFormat):
+//
+//	adapter_config.json: peft_type "LORA", r, lora_alpha, lora_dropout, target_modules, use_rslora,
+//	  rank_pattern, alpha_pattern, modules_to_save, init_lora_weights (true for our InitKaiming,
+//	  "gaussian"), and PEFT's defaults for the fields of PEFT ≥ 0.10 that we do not use (bias
+//	  "none", fan_in_fan_out false, use_dora false, layers_to_transform null, …). Fields PEFT
+//	  added later are left out, so the file loads in every PEFT from 0.10 on (before 0.14 an
+//	  unknown field is an error there).
+//	adapter_model.safetensors: base_model.model.<path>.lora_A.weight [r, in] (Aᵀ) and
+//	  .lora_B.weight [out, r] (Bᵀ) per adapted layer; base_model.model.<module>.weight (and .bias)
+//	  for modules_to_save, in PyTorch's layout.
+
+// PEFTType implements peft.PEFTFormat.
+func (l *LoRA) PEFTType() string { return "LORA" }
+
+// PEFTConfig implements peft.PEFTFormat.
+func (l *LoRA) PEFTConfig(*context.Context) (map[string]any, error) {
+	c := l.cfg
+	init := any(true)
+	if c.InitA == InitGaussian {
+		init = "gaussian"
+	}
+	rankPattern, alphaPattern := any(map[string]any{}), any(map[string]any{})
+	if len(c.RankPattern) > 0 {
+		rankPattern = c.RankPattern
+	}
+	if len(c.AlphaPattern) > 0 {
+		alphaPattern = c.AlphaPattern
+	}
+	return map[string]any{
+		"r":                   c.Rank,
+		"lora_alpha":          PEFTNumber(c.Alpha),
+		"lora_dropout":        c.Dropout,
+		"target_modules":      c.TargetModules,
+		"use_rslora":          c.UseRSLoRA,
+		"rank_pattern":        rankPattern,
+		"alpha_pattern":       alphaPattern,
+		"modules_to_save":     nilIfNone(c.ModulesToSave),
+		"init_lora_weights":   init,
+		"bias":                "none",
+		"fan_in_fan_out":      false,
+		"use_dora":            false,
+		"layers_to_transform": nil,
+		"layers_pattern":      nil,
+		"layer_replication":   nil,
+		"loftq_config":        map[string]any{},
+		"megatron_config":     nil,
+		"megatron_core":       "megatron.core",
+	}, nil
+}
+
+// PEFTNumber writes an integral value as a JSON integer (Ollama's converter reads lora_alpha as
+// an unsigned integer) and any other as a float.
+func PEFTNumber(x float64) any {
+	if x == math.Trunc(x) && math.Abs(x) < 1<<53 {
+		return int64(x)
+	}
+	return x
+}
+
+func nilIfNone(names []string) any {
+	if len(names) == 0 {
+		return nil
+	}
+	return names
+}
+
+// ParsePEFTConfig builds the LoRA configuration of a PEFT adapter_config.json (peft_type LORA):
+// what is missing takes PEFT's defaults (target_modules null means q_proj and v_proj, PEFT's
+// choice for Llama-family models). Fields that change what the adapter computes and that we do
+// not implement are errors naming the field: use_dora, fan_in_fan_out, bias other than "none",
+// lora_bias, layers_to_transform, layers_pattern, exclude_modules, trainable_token_indices,
+// layer_replication, use_qalora, target_parameters, alora_invocation_tokens and the other
+// variants' configurations, and init_lora_weights values that rewrite the base weights (PiSSA,
+// OLoRA, LoftQ, EVA, CorDA …). Training-time and initialization options are read or ignored.
+func ParsePEFTConfig(fields *peft.PEFTFields) (Config, error) {
+	c := DefaultConfig()
+	var init any
+	for _, get := range []struct {
+		key string
+		dst any
+	}{
+		{"r", &c.Rank}, {"lora_alpha", &c.Alpha}, {"lora_dropout", &c.Dropout}, {"use_rslora", &c.UseRSLoRA},
+		{"modules_to_save", &c.ModulesToSave}, {"rank_pattern", &c.RankPattern},
+		{"alpha_pattern", &c.AlphaPattern}, {"target_modules", &c.TargetModules}, {"init_lora_weights", &init},
+	} {
+		if err := fields.Get(get.key, get.dst); err != nil {
+			return Config{}, err
+		}
+	}
+	switch init {
+	case nil, true, false: // false starts B random too: it does not matter for a trained adapter
+		c.InitA = InitKaiming
+	case "gaussian":
+		c.InitA = InitGaussian
+	default:
+		return Config{}, fmt.Errorf("lora: %s: field \"init_lora_weights\" = %v is an initialization that rewrites the base weights (or is unknown), not supported: convert the adapter to plain LoRA in PEFT first",
+			fields.Source(), init)
+	}
+	if err := RefusePEFTVariants(fields); err != nil {
+		return Config{}, err
+	}
+	if err := c.Validate(); err != nil {
+		return Config{}, fmt.Errorf("%s: %w", fields.Source(), err)
+	}
+	return c, nil
+}
+
+// RefusePEFTVariants refuses the fields of PEFT's LoraConfig (which AdaLoraConfig extends) that
+// change what an adapter computes and that this SDK does not implement, naming the first one set,
+// and marks the training-time ones as read.
+func RefusePEFTVariants(fields *peft.PEFTFields) error {
+	refused := []struct {
+		key     string
+		allowed []string
+	}{
+		{"use_dora", []string{"false"}}, {"fan_in_fan_out", []string{"false"}}, {"bias", []string{`"none"`}},
+		{"lora_bias", []string{"false"}}, {"layers_to_transform", nil}, {"layers_pattern", nil},
+		{"exclude_modules", nil}, {"trainable_token_indices", nil}, {"layer_replication", nil},
+		{"use_qalora", []string{"false"}}, {"target_parameters", nil}, {"alora_invocation_tokens", nil},
+		{"velora_config", nil}, {"use_bdlora", nil}, {"arrow_config", nil}, {"kasa_config", nil},
+		{"monteclora_config", nil},
+	}
+	for _, r := range refused {
+		if err := fields.Refuse(r.key, r.allowed...); err != nil {
+			return fmt.Errorf("lora: %w", err)
+		}
+	}
+	fields.Ignore("megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
+		"lora_ga_config", "runtime_config", "qalora_group_size", "ensure_weight_tying")
+	return nil
+}
+
+// CheckPEFTConfig implements peft.PEFTFormat: the file must give the same ranks, scaling, targets
+// and modules to save (dropout, initialization and seed do not change a trained adapter).
+func (l *LoRA) CheckPEFTConfig(fields *peft.PEFTFields) error {
+	c, err := ParsePEFTConfig(fields)
+	if err != nil {
+		return err
+	}
+	return CheckSameAdapter(fields.Source(), l.cfg, c)
+}
+
+// CheckSameAdapter returns an error naming the fields in which two LoRA configurations give
+// different adapters: all but dropout, initialization and seed; target and module names compare
+// as sets (PEFT stores them as sets).
+func CheckSameAdapter(source string, want, got Config) error {
+	if reflect.DeepEqual(want.adapterView(), got.adapterView()) {
+		return nil
+	}
+	w, _ := json.Marshal(want.adapterView())
+	g, _ := json.Marshal(got.adapterView())
+	return fmt.Errorf("lora: the configuration in %s gives another adapter than the model's: file %s, model %s", source, g, w)
+}
+
+// adapterView is the part of c that changes what a trained adapter computes, in a canonical form.
+func (c Config) adapterView() Config {
+	c.Dropout, c.InitA, c.Seed = 0, "", 0
+	c.TargetModules.Names = sortedOrNil(c.TargetModules.Names)
+	c.ModulesToSave = sortedOrNil(c.ModulesToSave)
+	if len(c.RankPattern) == 0 {
+		c.RankPattern = nil
+	}
+	if len(c.AlphaPattern) == 0 {
+		c.AlphaPattern = nil
+	}
+	return c
+}
+
+func sortedOrNil(names []string) []string {
+	if len(names) == 0 {
+		return nil
+	}
+	names = slices.Clone(names)
+	slices.Sort(names)
+	return slices.Compact(names)
+}
+
+// PEFTTensors implements peft.PEFTFormat.
+func (l *LoRA) PEFTTensors(*context.Context) ([]safetensors.Tensor, error) {
+	out := make([]safetensors.Tensor, 0, 2*len(l.order))
+	for _, t := range l.order {
+		a, err := peft.Float32s(t.a)
+		if err != nil {
+			return nil, err
+		}
+		b, err := peft.Float32s(t.b)
+		if err != nil {
+			return nil, err
+		}
+		in, r, o := t.layer.In, t.rank, t.layer.Out
+		key := peft.PEFTPrefix + t.layer.Path
+		out = append(out,
+			safetensors.FromFloat32(key+".lora_A.weight", []int{r, in}, peft.Transpose(a, in, r)),
+			safetensors.FromFloat32(key+".lora_B.weight", []int{o, r}, peft.Transpose(b, r, o)))
+	}
+	modules, err := peft.HFTensors(peft.PEFTPrefix, l.modules)
+	if err != nil {
+		return nil, err
+	}
+	return append(out, modules...), nil
+}
+
+// PEFTValues implements peft.PEFTFormat.
+func (l *LoRA) PEFTValues(_ *context.Context, _ *peft.PEFTFields, file *peft.PEFTTensorFile) ([]*tensors.Tensor, error) {
+	out := make([]*tensors.Tensor, 0, 2*len(l.order)+len(l.modules))
+	for _, t := range l.order {
+		in, r, o := t.layer.In, t.rank, t.layer.Out
+		key := peft.PEFTPrefix + t.layer.Path
+		a, err := file.Take(key+".lora_A.weight", r, in)
+		if err != nil {
+			return nil, err
+		}
+		b, err := file.Take(key+".lora_B.weight", o, r)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out,
+			tensors.FromFlatDataAndDimensions(peft.Transpose(a, r, in), in, r),
+			tensors.FromFlatDataAndDimensions(peft.Transpose(b, o, r), r, o))
+	}
+	modules, err := peft.HFValues(peft.PEFTPrefix, l.modules, file)
+	if err != nil {
+		return nil, err
+	}
+	return append(out, modules...), nil
+}
