@@ -1,7 +1,10 @@
 package lora_test
 
 import (
+	"bytes"
+	"log"
 	"math"
+	"os"
 	"strings"
 	"testing"
 
@@ -235,4 +238,19 @@ func TestLoadIntoDifferentShapes(t *testing.T) {
 
 func TestLoadInFreshProcess(t *testing.T) {
 	pefttest.CheckLoadInFreshProcess(t, "TestLoadInFreshProcess", func() peft.Method { return newLoRA(t, nil) })
+}
+
+// A rank above min(in, out) is allowed, as in PEFT, and said once in a log line.
+func TestRankAboveLayerSizeIsLogged(t *testing.T) {
+	var logged bytes.Buffer
+	log.SetOutput(&logged)
+	defer log.SetOutput(os.Stderr)
+	m := pefttest.NewModel(t, newLoRA(t, func(c *lora.Config) { c.Rank = 20 })) // v_proj is 32 → 16
+	require.Equal(t, 1, strings.Count(logged.String(), "\n"), logged.String())
+	require.Contains(t, logged.String(), "the rank exceeds min(in, out) on 2 layer(s)")
+	require.Contains(t, logged.String(), "model.layers.0.self_attn.v_proj (r=20, min(in, out)=16)")
+	require.NotNil(t, m)
+	logged.Reset()
+	pefttest.NewModel(t, newLoRA(t, nil))
+	require.Empty(t, logged.String())
 }

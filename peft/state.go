@@ -112,16 +112,12 @@ func (m *Model) Save(dir string) error {
 }
 
 func (m *Model) savePEFT(dir string, f PEFTFormat, cfgJSON []byte) error {
-	var fields map[string]any
-	var out []safetensors.Tensor
-	if err := catch(m.method.Name(), func() error {
-		var err error
-		if fields, err = f.PEFTConfig(m.ctx); err != nil {
-			return err
-		}
-		out, err = f.PEFTTensors(m.ctx)
+	fields, err := f.PEFTConfig(m.ctx)
+	if err != nil {
 		return err
-	}); err != nil {
+	}
+	out, err := f.PEFTTensors(m.ctx)
+	if err != nil {
 		return err
 	}
 	fields["peft_type"] = f.PEFTType()
@@ -456,7 +452,7 @@ func (m *Model) loadPEFT(dir string, f PEFTFormat, o loadOptions) error {
 	if task != "" && m.layout.Task != "" && TaskType(task) != m.layout.Task {
 		return fmt.Errorf("%s: task_type %s, the model is %s", fields.source, task, m.layout.Task)
 	}
-	if err := catch(m.method.Name(), func() error { return f.CheckPEFTConfig(fields) }); err != nil {
+	if err := f.CheckPEFTConfig(fields); err != nil {
 		return err
 	}
 	file, err := readAdapterWeights(dir)
@@ -473,12 +469,8 @@ func (m *Model) loadPEFT(dir string, f PEFTFormat, o loadOptions) error {
 		}
 	}
 	tf := newPEFTTensorFile(file, filepath.Join(dir, AdapterWeightsFile))
-	var values []*tensors.Tensor
-	if err := catch(m.method.Name(), func() error {
-		var err error
-		values, err = f.PEFTValues(m.ctx, fields, tf)
-		return err
-	}); err != nil {
+	values, err := f.PEFTValues(m.ctx, fields, tf)
+	if err != nil {
 		return err
 	}
 	if left := tf.left(); len(left) > 0 {

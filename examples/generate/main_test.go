@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -17,6 +18,7 @@ import (
 	"peft/peft/backend"
 	"peft/peft/generate"
 	"peft/peft/llama"
+	"peft/peft/safetensors"
 	"peft/peft/stories260k"
 )
 
@@ -74,4 +76,20 @@ func TestAdapter(t *testing.T) {
 	require.NoError(t, err)
 	require.InDelta(t, want, res.PromptMeanNLL, 1e-9)
 	require.Greater(t, res.PromptMeanNLL-0.0685, 0.01, "the adapter must change the model")
+
+	// The same adapter as Hugging Face PEFT writes it (no record of ours in the metadata), in a
+	// sub-folder as PEFT keeps adapters not named "default": -adapter names the parent folder.
+	parent := t.TempDir()
+	sub := filepath.Join(parent, "my-task")
+	require.NoError(t, os.MkdirAll(sub, 0o755))
+	file, err := safetensors.Read(filepath.Join(dir, peft.AdapterWeightsFile))
+	require.NoError(t, err)
+	stripped, err := safetensors.Encode(file.Tensors, map[string]string{"format": "pt"})
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(sub, peft.AdapterWeightsFile), stripped, 0o644))
+	config, err := os.ReadFile(filepath.Join(dir, peft.AdapterConfigFile))
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(sub, peft.AdapterConfigFile), config, 0o644))
+	res = runJSON(t, parent)
+	require.InDelta(t, want, res.PromptMeanNLL, 1e-9)
 }
