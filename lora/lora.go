@@ -249,13 +249,18 @@ func (l *LoRA) Merge(ctx *context.Context) error {
 	return nil
 }
 
+// factors returns A [in, r] and B [r, out], row-major.
+func (t *target) factors() (a, b []float32, err error) {
+	if a, err = peft.Float32s(t.a); err != nil {
+		return nil, nil, err
+	}
+	b, err = peft.Float32s(t.b)
+	return a, b, err
+}
+
 // delta returns s·A·B, [in, out] row-major.
 func (l *LoRA) delta(t *target) ([]float32, error) {
-	a, err := peft.Float32s(t.a)
-	if err != nil {
-		return nil, err
-	}
-	b, err := peft.Float32s(t.b)
+	a, b, err := t.factors()
 	if err != nil {
 		return nil, err
 	}

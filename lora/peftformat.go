@@ -196,11 +196,7 @@ func sortedOrNil(names []string) []string {
 func (l *LoRA) PEFTTensors(*context.Context) ([]safetensors.Tensor, error) {
 	out := make([]safetensors.Tensor, 0, 2*len(l.order))
 	for _, t := range l.order {
-		a, err := peft.Float32s(t.a)
-		if err != nil {
-			return nil, err
-		}
-		b, err := peft.Float32s(t.b)
+		a, b, err := t.factors()
 		if err != nil {
 			return nil, err
 		}

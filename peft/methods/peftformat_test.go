@@ -7,9 +7,11 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"log"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -201,7 +203,8 @@ func TestLoadHandLaidLoRA(t *testing.T) {
 			for k, v := range tc.config {
 				folder.config[k] = v
 			}
-			for path, io := range layers {
+			for _, path := range slices.Sorted(maps.Keys(layers)) { // one RNG order every run
+				io := layers[path]
 				adapted := false
 				for _, suffix := range tc.targets {
 					adapted = adapted || strings.HasSuffix(path, "."+suffix)
@@ -226,7 +229,8 @@ func TestLoadHandLaidLoRA(t *testing.T) {
 
 			m := applyFolder(t, dir)
 			require.Equal(t, "lora", m.Method().Name())
-			requireLogitsClose(t, pefttest.Logits(t, reference), pefttest.Logits(t, m), 2e-5)
+			// Unmerged x·W + s·(x·A)·B against the host's merged W + s·B·A: float32 rounding only.
+			requireLogitsClose(t, pefttest.Logits(t, reference), pefttest.Logits(t, m), 1e-4)
 			// The merged weights are the host's W + s·B·A too.
 			require.NoError(t, m.Merge())
 			for path := range layers {
@@ -243,14 +247,19 @@ func TestLoadHandLaidLoRA(t *testing.T) {
 // applyFolder builds the method saved in dir and applies it to the tiny Llama classifier.
 func applyFolder(t testing.TB, dir string, opts ...peft.LoadOption) *peft.Model {
 	t.Helper()
+	m, err := applyFolderErr(t, dir, opts...)
+	require.NoError(t, err)
+	return m
+}
+
+func applyFolderErr(t testing.TB, dir string, opts ...peft.LoadOption) (*peft.Model, error) {
+	t.Helper()
 	b, err := backend.Get()
 	require.NoError(t, err)
 	ctx := context.New()
 	require.NoError(t, llama.Init(ctx, pefttest.Config(), 2, 1))
-	m, err := methods.Apply(b, ctx, llama.Classifier(pefttest.Config(), 2), dir,
+	return methods.Apply(b, ctx, llama.Classifier(pefttest.Config(), 2), dir,
 		[]shapes.Shape{shapes.Make(dtypes.Int32, pefttest.Batch, pefttest.Seq)}, opts...)
-	require.NoError(t, err)
-	return m
 }
 
 // An AdaLoRA folder with a rank pattern (tensors cut to the kept singular values, as PEFT's
@@ -272,7 +281,9 @@ func TestLoadHandLaidAdaLoRA(t *testing.T) {
 		"rank_pattern": pattern, "r": 8, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5}}
 	reference := pefttest.NewModel(t, nil)
 	rng := peft.NewRand(5)
-	for path, io := range tinyLinears() {
+	linears := tinyLinears()
+	for _, path := range slices.Sorted(maps.Keys(linears)) {
+		io := linears[path]
 		if !strings.HasSuffix(path, "q_proj") && !strings.HasSuffix(path, "v_proj") {
 			continue
 		}
@@ -303,7 +314,7 @@ func TestLoadHandLaidAdaLoRA(t *testing.T) {
 	m := applyFolder(t, dir)
 	a, ok := m.Method().(*adalora.AdaLoRA)
 	require.True(t, ok)
-	requireLogitsClose(t, pefttest.Logits(t, reference), pefttest.Logits(t, m), 2e-5)
+	requireLogitsClose(t, pefttest.Logits(t, reference), pefttest.Logits(t, m), 1e-4)
 	require.Equal(t, map[string]int{
 		"model.layers.0.self_attn.q_proj": 3, "model.layers.0.self_attn.v_proj": 4,
 		"model.layers.1.self_attn.q_proj": 4, "model.layers.1.self_attn.v_proj": 0,
@@ -445,12 +456,7 @@ func TestBadPEFTFolders(t *testing.T) {
 			}
 			// Building a model from the folder fails naming the problem; loading it into the
 			// model built from the good folder fails too.
-			b, err := backend.Get()
-			require.NoError(t, err)
-			ctx := context.New()
-			require.NoError(t, llama.Init(ctx, pefttest.Config(), 2, 1))
-			_, errApply := methods.Apply(b, ctx, llama.Classifier(pefttest.Config(), 2), bad,
-				[]shapes.Shape{shapes.Make(dtypes.Int32, pefttest.Batch, pefttest.Seq)})
+			_, errApply := applyFolderErr(t, bad)
 			require.ErrorContains(t, errApply, tc.want)
 			t.Log(errApply)
 			require.Error(t, m.Load(bad))
