@@ -16,7 +16,9 @@ import (
 //
 //	adapter_config.json: peft_type "PROMPT_TUNING", num_virtual_tokens, token_dim,
 //	  num_transformer_submodules 1 (a decoder), num_attention_heads and num_layers (from the base
-//	  model's config.json when known), prompt_tuning_init "RANDOM" or "SAMPLE_VOCAB", modules_to_save.
+//	  model's config.json when known), prompt_tuning_init "RANDOM" or "SAMPLE_VOCAB", and
+//	  modules_to_save when there are any (PEFT's prompt-learning configs have it since 0.17, and
+//	  PEFT before 0.14 fails on fields it does not know).
 //	  Our text initialization (token ids) is written as "RANDOM": PEFT's "TEXT" needs a tokenizer
 //	  and the text, which we do not have, and the initialization does not matter once trained.
 //	adapter_model.safetensors: prompt_embeddings [num_virtual_tokens, token_dim] without prefix;
@@ -41,16 +43,17 @@ func (p *PromptTuning) PEFTConfig(ctx *context.Context) (map[string]any, error) 
 	if cfg := peft.BaseModelOf(ctx).Config; cfg != nil && json.Unmarshal(cfg, &base) == nil && base.NumHeads > 0 {
 		heads = base.NumHeads
 	}
-	var modules any
-	if len(p.cfg.ModulesToSave) > 0 {
-		modules = p.cfg.ModulesToSave
-	}
-	return map[string]any{
+	fields := map[string]any{
 		"num_virtual_tokens": p.cfg.NumVirtualTokens, "token_dim": p.prompt.Shape().Dim(1),
 		"num_transformer_submodules": 1, "num_attention_heads": heads, "num_layers": p.numLayers,
 		"prompt_tuning_init": init, "prompt_tuning_init_text": nil, "tokenizer_name_or_path": nil,
-		"tokenizer_kwargs": nil, "modules_to_save": modules,
-	}, nil
+		"tokenizer_kwargs": nil,
+	}
+	if len(p.cfg.ModulesToSave) > 0 {
+		// PEFT's prompt-learning configs have this field since 0.17 only: write it when used.
+		fields["modules_to_save"] = p.cfg.ModulesToSave
+	}
+	return fields, nil
 }
 
 // ParsePEFTConfig builds the prompt-tuning configuration of a PEFT adapter_config.json

@@ -122,9 +122,14 @@ func loraDelta(a, b []float32, r, in, out int, s float64) []float32 {
 func requireLogitsClose(t *testing.T, want, got [][]float32, tol float64) {
 	t.Helper()
 	require.Equal(t, len(want), len(got))
+	worst := 0.0
 	for i := range want {
 		require.InDeltaSlice(t, want[i], got[i], tol, "row %d", i)
+		for j := range want[i] {
+			worst = math.Max(worst, math.Abs(float64(want[i][j]-got[i][j])))
+		}
 	}
+	t.Logf("max |logit difference| %.3g", worst)
 }
 
 // A LoRA folder laid out by hand as PEFT writes it loads here (in any float dtype, with list or
