@@ -105,6 +105,7 @@ type LoRA struct {
 	targets map[string]*target  // by layer path
 	order   []*target           // model order
 	modules []*context.Variable // ModulesToSave's variables
+	layout  *peft.Layout        // the model's, from Init
 	merge   peft.WeightMerge
 }
 
@@ -144,20 +145,9 @@ func (l *LoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 	l.order = nil
 	var oversized []string
 	for _, layer := range selected {
-		rank := l.cfg.Rank
-		if r, found := l.cfg.RankPattern.Lookup(layer.Path); found {
-			rank = r
-		}
-		alpha := l.cfg.Alpha
-		if a, found := l.cfg.AlphaPattern.Lookup(layer.Path); found {
-			alpha = a
-		}
+		rank, _, scale := l.cfg.resolve(layer.Path)
 		if rank > min(layer.In, layer.Out) {
 			oversized = append(oversized, fmt.Sprintf("%s (r=%d, min(in, out)=%d)", layer.Path, rank, min(layer.In, layer.Out)))
-		}
-		scale := alpha / float64(rank)
-		if l.cfg.UseRSLoRA {
-			scale = alpha / math.Sqrt(float64(rank))
 		}
 		var aValues []float32
 		if l.cfg.InitA == InitGaussian {
@@ -174,12 +164,30 @@ func (l *LoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 		l.targets[layer.Path] = t
 		l.order = append(l.order, t)
 	}
+	l.layout = layout
 	if len(oversized) > 0 {
 		// Allowed, as in PEFT, but the extra rank is wasted parameters: say so once.
 		log.Printf("lora: the rank exceeds min(in, out) on %d layer(s), whose update cannot have more rank than that: %s",
 			len(oversized), strings.Join(oversized[:min(3, len(oversized))], ", "))
 	}
 	return nil
+}
+
+// resolve returns the rank, alpha and scale of the layer at path, after rank_pattern and
+// alpha_pattern.
+func (c Config) resolve(path string) (rank int, alpha, scale float64) {
+	rank, alpha = c.Rank, c.Alpha
+	if r, found := c.RankPattern.Lookup(path); found {
+		rank = r
+	}
+	if a, found := c.AlphaPattern.Lookup(path); found {
+		alpha = a
+	}
+	scale = alpha / float64(rank)
+	if c.UseRSLoRA {
+		scale = alpha / math.Sqrt(float64(rank))
+	}
+	return rank, alpha, scale
 }
 
 // Targets lists the paths of the adapted layers, in model order.

@@ -1,11 +1,8 @@
 package lora
 
 import (
-	"encoding/json"
 	"fmt"
 	"math"
-	"reflect"
-	"slices"
 
 	"github.com/gomlx/gomlx/pkg/core/tensors"
 	"github.com/gomlx/gomlx/pkg/ml/context"
@@ -29,40 +26,50 @@ import (
 // PEFTType implements peft.PEFTFormat.
 func (l *LoRA) PEFTType() string { return "LORA" }
 
-// PEFTConfig implements peft.PEFTFormat.
+// PEFTConfig implements peft.PEFTFormat. rank_pattern and alpha_pattern are written resolved:
+// one key per layer whose rank or alpha differs from r or lora_alpha (peft.PEFTPatternKey), so
+// that they mean the same under every PEFT version's matching rule and in any key order (PEFT
+// sorts the keys when it saves a configuration again).
 func (l *LoRA) PEFTConfig(*context.Context) (map[string]any, error) {
 	c := l.cfg
 	init := any(true)
 	if c.InitA == InitGaussian {
 		init = "gaussian"
 	}
-	rankPattern, alphaPattern := any(map[string]any{}), any(map[string]any{})
-	if len(c.RankPattern) > 0 {
-		rankPattern = c.RankPattern
+	rankPattern, alphaPattern := peft.Patterns[int]{}, peft.Patterns[any]{}
+	for _, t := range l.order {
+		rank, alpha, _ := c.resolve(t.layer.Path)
+		key := peft.PEFTPatternKey(l.layout, t.layer.Path)
+		if rank != c.Rank {
+			rankPattern = append(rankPattern, peft.Pattern[int]{Key: key, Value: rank})
+		}
+		if alpha != c.Alpha {
+			alphaPattern = append(alphaPattern, peft.Pattern[any]{Key: key, Value: PEFTNumber(alpha)})
+		}
 	}
-	if len(c.AlphaPattern) > 0 {
-		alphaPattern = c.AlphaPattern
+	fields := PEFTDefaults()
+	for key, value := range map[string]any{
+		"r": c.Rank, "lora_alpha": PEFTNumber(c.Alpha), "lora_dropout": c.Dropout,
+		"target_modules": c.TargetModules, "use_rslora": c.UseRSLoRA, "rank_pattern": rankPattern,
+		"alpha_pattern": alphaPattern, "modules_to_save": peft.ListOrNull(c.ModulesToSave),
+		"init_lora_weights": init,
+	} {
+		fields[key] = value
 	}
+	return fields, nil
+}
+
+// PEFTDefaults returns PEFT's defaults for the fields of its LoraConfig (which AdaLoraConfig
+// extends) that PEFT 0.10 and later all know: what Save writes for the fields a method does not
+// set. Fields PEFT added later are left out, as PEFT before 0.14 fails on fields it does not know.
+func PEFTDefaults() map[string]any {
 	return map[string]any{
-		"r":                   c.Rank,
-		"lora_alpha":          PEFTNumber(c.Alpha),
-		"lora_dropout":        c.Dropout,
-		"target_modules":      c.TargetModules,
-		"use_rslora":          c.UseRSLoRA,
-		"rank_pattern":        rankPattern,
-		"alpha_pattern":       alphaPattern,
-		"modules_to_save":     nilIfNone(c.ModulesToSave),
-		"init_lora_weights":   init,
-		"bias":                "none",
-		"fan_in_fan_out":      false,
-		"use_dora":            false,
-		"layers_to_transform": nil,
-		"layers_pattern":      nil,
-		"layer_replication":   nil,
-		"loftq_config":        map[string]any{},
-		"megatron_config":     nil,
-		"megatron_core":       "megatron.core",
-	}, nil
+		"r": 8, "lora_alpha": 8, "lora_dropout": 0, "target_modules": nil, "use_rslora": false,
+		"rank_pattern": map[string]any{}, "alpha_pattern": map[string]any{}, "modules_to_save": nil,
+		"init_lora_weights": true, "bias": "none", "fan_in_fan_out": false, "use_dora": false,
+		"layers_to_transform": nil, "layers_pattern": nil, "layer_replication": nil,
+		"loftq_config": map[string]any{}, "megatron_config": nil, "megatron_core": "megatron.core",
+	}
 }
 
 // PEFTNumber writes an integral value as a JSON integer (Ollama's converter reads lora_alpha as
@@ -72,13 +79,6 @@ func PEFTNumber(x float64) any {
 		return int64(x)
 	}
 	return x
-}
-
-func nilIfNone(names []string) any {
-	if len(names) == 0 {
-		return nil
-	}
-	return names
 }
 
 // ParsePEFTConfig builds the LoRA configuration of a PEFT adapter_config.json (peft_type LORA):
@@ -105,12 +105,15 @@ func ParsePEFTConfig(fields *peft.PEFTFields) (Config, error) {
 		}
 	}
 	switch init {
-	case nil, true, false: // false starts B random too: it does not matter for a trained adapter
-		c.InitA = InitKaiming
 	case "gaussian":
 		c.InitA = InitGaussian
+	case nil, true, false, "eva", "orthogonal":
+		// Initializations of A and B alone: a trained adapter is plain LoRA.
+		c.InitA = InitKaiming
 	default:
-		return Config{}, fmt.Errorf("lora: %s: field \"init_lora_weights\" = %v is an initialization that rewrites the base weights (or is unknown), not supported: convert the adapter to plain LoRA in PEFT first",
+		// pissa…, olora, loftq, corda, lora_ga subtract the initial update from the base weights,
+		// so the adapter needs that changed base; anything else is unknown.
+		return Config{}, fmt.Errorf("lora: %s: field \"init_lora_weights\" = %v is not supported: it rewrites the base weights (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA) or is unknown; convert the adapter to plain LoRA in PEFT first",
 			fields.Source(), init)
 	}
 	if err := RefusePEFTVariants(fields); err != nil {
@@ -147,49 +150,27 @@ func RefusePEFTVariants(fields *peft.PEFTFields) error {
 	return nil
 }
 
-// CheckPEFTConfig implements peft.PEFTFormat: the file must give the same ranks, scaling, targets
-// and modules to save (dropout, initialization and seed do not change a trained adapter).
+// CheckPEFTConfig implements peft.PEFTFormat: the file must adapt the same layers with the same
+// rank and scale (dropout and initialization do not change a trained adapter; the modules to save
+// are checked by their tensors).
 func (l *LoRA) CheckPEFTConfig(fields *peft.PEFTFields) error {
 	c, err := ParsePEFTConfig(fields)
 	if err != nil {
 		return err
 	}
-	return CheckSameAdapter(fields.Source(), l.cfg, c)
-}
-
-// CheckSameAdapter returns an error naming the fields in which two LoRA configurations give
-// different adapters: all but dropout, initialization and seed; target and module names compare
-// as sets (PEFT stores them as sets).
-func CheckSameAdapter(source string, want, got Config) error {
-	if reflect.DeepEqual(want.adapterView(), got.adapterView()) {
-		return nil
+	if err := peft.SameTargets(l.layout, func(path string) bool { return l.targets[path] != nil }, c.TargetModules, fields.Source()); err != nil {
+		return fmt.Errorf("lora: %w", err)
 	}
-	w, _ := json.Marshal(want.adapterView())
-	g, _ := json.Marshal(got.adapterView())
-	return fmt.Errorf("lora: the configuration in %s gives another adapter than the model's: file %s, model %s", source, g, w)
-}
-
-// adapterView is the part of c that changes what a trained adapter computes, in a canonical form.
-func (c Config) adapterView() Config {
-	c.Dropout, c.InitA, c.Seed = 0, "", 0
-	c.TargetModules.Names = sortedOrNil(c.TargetModules.Names)
-	c.ModulesToSave = sortedOrNil(c.ModulesToSave)
-	if len(c.RankPattern) == 0 {
-		c.RankPattern = nil
+	for _, t := range l.order {
+		rank, _, scale := c.resolve(t.layer.Path)
+		if rank != t.rank {
+			return fmt.Errorf("lora: %s: rank %d for %s (r, rank_pattern), the model's method has %d", fields.Source(), rank, t.layer.Path, t.rank)
+		}
+		if math.Abs(scale-t.scale) > 1e-12*math.Abs(t.scale) {
+			return fmt.Errorf("lora: %s: scale %g for %s (lora_alpha, alpha_pattern, use_rslora), the model's method has %g", fields.Source(), scale, t.layer.Path, t.scale)
+		}
 	}
-	if len(c.AlphaPattern) == 0 {
-		c.AlphaPattern = nil
-	}
-	return c
-}
-
-func sortedOrNil(names []string) []string {
-	if len(names) == 0 {
-		return nil
-	}
-	names = slices.Clone(names)
-	slices.Sort(names)
-	return slices.Compact(names)
+	return nil
 }
 
 // PEFTTensors implements peft.PEFTFormat.

@@ -107,24 +107,30 @@ func fingerprint(digests map[string]string, saved map[string]bool) string {
 // method value applied to two models is refused: it holds the variables of the first.
 var boundMethods sync.Map // Method → weak.Pointer[Model]
 
-// bindMethod records that method belongs to m, or errs if it already belongs to a live model.
-func bindMethod(method Method, m *Model) error {
+// checkUnbound errs if method already belongs to a live model: NewModel calls it before the
+// method's Init, which would take the method's state away from that model.
+func checkUnbound(method Method) error {
 	if method == nil || !reflect.TypeOf(method).Comparable() {
 		return nil
 	}
-	if previous, loaded := boundMethods.LoadOrStore(method, weak.Make(m)); loaded {
-		if previous.(weak.Pointer[Model]).Value() != nil {
-			return fmt.Errorf("peft.NewModel: this %s method value is already applied to another model, whose variables it holds: build a new method (with the same Config) for each model", method.Name())
-		}
-		boundMethods.Store(method, weak.Make(m))
+	if previous, ok := boundMethods.Load(method); ok && previous.(weak.Pointer[Model]).Value() != nil {
+		return fmt.Errorf("peft.NewModel: this %s method value is already applied to another model, whose variables it holds: build a new method (with the same Config) for each model", method.Name())
 	}
+	return nil
+}
+
+// bindMethod records that method belongs to m, once NewModel has succeeded.
+func bindMethod(method Method, m *Model) {
+	if method == nil || !reflect.TypeOf(method).Comparable() {
+		return
+	}
+	boundMethods.Store(method, weak.Make(m))
 	// Forget the binding once the model is gone, unless another model took the method since.
 	runtime.AddCleanup(m, func(method Method) {
 		if wp, ok := boundMethods.Load(method); ok && wp.(weak.Pointer[Model]).Value() == nil {
 			boundMethods.CompareAndDelete(method, wp)
 		}
 	}, method)
-	return nil
 }
 
 // paramModels is the context parameter (at the root scope) listing the models applied to the

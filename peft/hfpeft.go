@@ -2,6 +2,7 @@ package peft
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -37,11 +38,13 @@ const (
 	metadataRecord = "peft_go"
 )
 
-// Key prefixes of PEFT's adapter files: LoRA-style tuners wrap the model twice
-// (PeftModel.base_model is a LoraModel whose .model is the transformers model); prompt-learning
-// methods wrap it once.
+// Key prefixes of PEFT's adapter files.
 const (
-	PEFTPrefix           = "base_model.model."
+	// PEFTPrefix starts the keys of LoRA-style adapters, whose PeftModel wraps the model twice
+	// (PeftModel.base_model is a LoraModel whose .model is the transformers model).
+	PEFTPrefix = "base_model.model."
+	// PromptLearningPrefix starts the modules-to-save keys of prompt-learning adapters, whose
+	// PeftModel wraps the model once.
 	PromptLearningPrefix = "base_model."
 )
 
@@ -117,8 +120,11 @@ func ParsePEFTFields(data []byte, source string) (*PEFTFields, error) {
 	for _, key := range commonPEFTFields {
 		f.used[key] = true
 	}
-	if err := f.Get("peft_type", new(string)); err != nil || f.PEFTType() == "" {
+	if !f.Has("peft_type") {
 		return nil, fmt.Errorf("peft: %s: peft_type is required (a string such as \"LORA\")", source)
+	}
+	if err := f.Get("peft_type", new(string)); err != nil || f.PEFTType() == "" {
+		return nil, fmt.Errorf("peft: %s: peft_type must be a non-empty string such as \"LORA\", got %s", source, truncateText(string(raw["peft_type"]), 80))
 	}
 	return f, nil
 }
@@ -220,15 +226,6 @@ func newPEFTTensorFile(file *safetensors.File, source string) *PEFTTensorFile {
 
 // Source is the file's path.
 func (t *PEFTTensorFile) Source() string { return t.source }
-
-// Shape returns the shape of the tensor key, if present.
-func (t *PEFTTensorFile) Shape(key string) ([]int, bool) {
-	st, ok := t.byName[key]
-	if !ok {
-		return nil, false
-	}
-	return st.Shape, true
-}
 
 // Take returns the tensor key as float32 values (F32, F16 and BF16 are read), checking that its
 // shape is dims. Missing tensors and other shapes are errors naming the tensor and the file.
@@ -377,6 +374,51 @@ func readBounded(path string, limit int64) ([]byte, error) {
 	return data, nil
 }
 
+// readMetadata reads the __metadata__ of a safetensors file from its header alone, checking the
+// header's length against the file before reading it.
+func readMetadata(path string) (map[string]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("peft: %w", err)
+	}
+	defer f.Close()
+	info, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("peft: %w", err)
+	}
+	if !info.Mode().IsRegular() {
+		return nil, fmt.Errorf("peft: %s is not a regular file", path)
+	}
+	var prefix [8]byte
+	if _, err := io.ReadFull(f, prefix[:]); err != nil {
+		return nil, fmt.Errorf("peft: %s: %w", path, err)
+	}
+	n := binary.LittleEndian.Uint64(prefix[:])
+	if n > uint64(info.Size()-8) || n > safetensors.MaxHeaderSize {
+		return nil, fmt.Errorf("peft: %s: safetensors header length %d exceeds the file or the %d-byte limit", path, n, safetensors.MaxHeaderSize)
+	}
+	header := make([]byte, n)
+	if _, err := io.ReadFull(f, header); err != nil {
+		return nil, fmt.Errorf("peft: %s: %w", path, err)
+	}
+	var parsed struct {
+		Metadata map[string]string `json:"__metadata__"`
+	}
+	if err := json.Unmarshal(header, &parsed); err != nil {
+		return nil, fmt.Errorf("peft: %s: safetensors header: %w", path, err)
+	}
+	return parsed.Metadata, nil
+}
+
+// ListOrNull is names for a JSON list, or nil (null) when there are none: PEFT's form of
+// optional lists such as modules_to_save.
+func ListOrNull(names []string) any {
+	if len(names) == 0 {
+		return nil
+	}
+	return names
+}
+
 func truncateText(s string, n int) string {
 	if len(s) <= n {
 		return s
@@ -405,6 +447,9 @@ func FindAdapter(dir, name string) (string, Format, error) {
 	if name != "" {
 		if name != filepath.Base(name) || name == "." || name == ".." {
 			return "", "", fmt.Errorf("peft: adapter name %q is not a plain folder name", name)
+		}
+		if format, ok := folderFormat(dir); ok && name == "default" {
+			return dir, format, nil // PEFT keeps the adapter named "default" in the folder itself
 		}
 		dir = filepath.Join(dir, name)
 	}

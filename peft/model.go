@@ -68,7 +68,7 @@ func NewModel(backend backends.Backend, ctx *context.Context, fn ModelFn, method
 		registerModel(ctx, m)
 		return m, nil
 	}
-	if err := bindMethod(method, m); err != nil {
+	if err := checkUnbound(method); err != nil {
 		return nil, err
 	}
 	if err := catch(fmt.Sprintf("peft.NewModel: %s", method.Name()), func() error {
@@ -95,6 +95,7 @@ func NewModel(backend backends.Backend, ctx *context.Context, fn ModelFn, method
 	for _, tv := range method.Trainable(ctx) {
 		tv.Variable.SetTrainable(true)
 	}
+	bindMethod(method, m)
 	registerModel(ctx, m)
 	return m, nil
 }

@@ -55,7 +55,8 @@ type savedConfig struct {
 	TensorNames string `json:"tensor_names,omitempty"`
 	// BaseModel identifies the base the state was trained on.
 	BaseModel *savedBase `json:"base_model,omitempty"`
-	// AdapterConfigSHA256 is the hash of the adapter_config.json written with a PEFT adapter file.
+	// AdapterConfigSHA256 is the digest (configDigest) of the adapter_config.json written with a
+	// PEFT adapter file.
 	AdapterConfigSHA256 string `json:"adapter_config_sha256,omitempty"`
 }
 
@@ -130,10 +131,13 @@ func (m *Model) savePEFT(dir string, f PEFTFormat, cfgJSON []byte) error {
 	if err != nil {
 		return err
 	}
-	sum := sha256.Sum256(adapterConfig)
+	digest, err := configDigest(adapterConfig)
+	if err != nil {
+		return err
+	}
 	record, err := json.Marshal(savedConfig{
 		FormatVersion: stateFormatVersion, Method: m.method.Name(), Config: cfgJSON, Tensors: len(out),
-		BaseModel: m.savedBase(), AdapterConfigSHA256: hex.EncodeToString(sum[:]),
+		BaseModel: m.savedBase(), AdapterConfigSHA256: digest,
 	})
 	if err != nil {
 		return err
@@ -301,11 +305,14 @@ func ReadAdapter(dir, name string) (*SavedAdapter, error) {
 	if saved.Fields, err = ReadPEFTFields(folder); err != nil {
 		return nil, err
 	}
-	file, err := readAdapterWeights(folder)
+	if err := checkAdapterWeights(folder); err != nil {
+		return nil, err
+	}
+	metadata, err := readMetadata(filepath.Join(folder, AdapterWeightsFile))
 	if err != nil {
 		return nil, err
 	}
-	record, err := ourRecord(file, saved.Fields)
+	record, err := ourRecord(metadata, saved.Fields)
 	if err != nil {
 		return nil, err
 	}
@@ -315,17 +322,25 @@ func ReadAdapter(dir, name string) (*SavedAdapter, error) {
 	return saved, nil
 }
 
-// readAdapterWeights reads a PEFT folder's adapter_model.safetensors.
-func readAdapterWeights(dir string) (*safetensors.File, error) {
-	path := filepath.Join(dir, AdapterWeightsFile)
-	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+// checkAdapterWeights errs if a PEFT folder has no adapter_model.safetensors, saying so when it
+// has the pickle PEFT writes without safetensors.
+func checkAdapterWeights(dir string) error {
+	if _, err := os.Stat(filepath.Join(dir, AdapterWeightsFile)); errors.Is(err, os.ErrNotExist) {
 		if _, err := os.Stat(filepath.Join(dir, adapterPickleFile)); err == nil {
-			return nil, fmt.Errorf("peft: %s has only %s, a Python pickle (which can run code when read): convert it to %s in Python (PeftModel.save_pretrained(dir, safe_serialization=True))",
+			return fmt.Errorf("peft: %s has only %s, a Python pickle (which can run code when read): convert it to %s in Python (PeftModel.save_pretrained(dir, safe_serialization=True))",
 				dir, adapterPickleFile, AdapterWeightsFile)
 		}
-		return nil, fmt.Errorf("peft: %s is missing from %s", AdapterWeightsFile, dir)
+		return fmt.Errorf("peft: %s is missing from %s", AdapterWeightsFile, dir)
 	}
-	file, err := safetensors.Read(path)
+	return nil
+}
+
+// readAdapterWeights reads a PEFT folder's adapter_model.safetensors.
+func readAdapterWeights(dir string) (*safetensors.File, error) {
+	if err := checkAdapterWeights(dir); err != nil {
+		return nil, err
+	}
+	file, err := safetensors.Read(filepath.Join(dir, AdapterWeightsFile))
 	if err != nil {
 		return nil, fmt.Errorf("peft: %w", err)
 	}
@@ -333,10 +348,12 @@ func readAdapterWeights(dir string) (*safetensors.File, error) {
 }
 
 // ourRecord returns the record Save keeps in a PEFT adapter file's metadata, or nil if there is
-// none (PEFT wrote the folder). A record whose adapter_config.json hash differs from the file's is
-// an error: an interrupted save, or a configuration edited after saving.
-func ourRecord(file *safetensors.File, fields *PEFTFields) (*savedConfig, error) {
-	raw, ok := file.Metadata[metadataRecord]
+// none (PEFT wrote the folder). A record saved with another adapter configuration than the
+// folder's (adapter_config.json edited in a field that changes the adapter, or a save
+// interrupted between the two files) is set aside with one log line: the folder then loads as a
+// plain PEFT adapter, as PEFT itself would read it.
+func ourRecord(metadata map[string]string, fields *PEFTFields) (*savedConfig, error) {
+	raw, ok := metadata[metadataRecord]
 	if !ok {
 		return nil, nil
 	}
@@ -344,12 +361,39 @@ func ourRecord(file *safetensors.File, fields *PEFTFields) (*savedConfig, error)
 	if err := json.Unmarshal([]byte(raw), &record); err != nil || record.Method == "" {
 		return nil, fmt.Errorf("peft: the %q metadata of %s is corrupt", metadataRecord, AdapterWeightsFile)
 	}
-	sum := sha256.Sum256(fields.data)
-	if record.AdapterConfigSHA256 != hex.EncodeToString(sum[:]) {
-		return nil, fmt.Errorf("peft: %s is not the configuration %s was saved with (its SHA-256 differs: an interrupted save, or the file was edited; to load the tensors with the edited file as a plain PEFT adapter, remove the %q entry of the safetensors metadata)",
-			fields.source, AdapterWeightsFile, metadataRecord)
+	digest, err := configDigest(fields.data)
+	if err != nil {
+		return nil, err
+	}
+	if record.AdapterConfigSHA256 != digest {
+		log.Printf("peft: %s changed since this SDK saved the adapter: reading it as a plain Hugging Face PEFT adapter (the SDK's own configuration and base fingerprint are not used)",
+			fields.source)
+		return nil, nil
 	}
 	return &record, nil
+}
+
+// informationalPEFTFields are adapter_config.json fields that do not change the adapter, which
+// users edit before publishing one (the Hub id of the base, say).
+var informationalPEFTFields = []string{"base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
+
+// configDigest is the SHA-256 (hex) of what in an adapter_config.json changes the adapter: its
+// fields but the informational ones, written canonically (keys sorted, compact), so that
+// reformatting, line endings and a new base_model_name_or_path do not count.
+func configDigest(data []byte) (string, error) {
+	var fields map[string]any
+	if err := json.Unmarshal(data, &fields); err != nil {
+		return "", err
+	}
+	for _, key := range informationalPEFTFields {
+		delete(fields, key)
+	}
+	canonical, err := json.Marshal(fields)
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256(canonical)
+	return hex.EncodeToString(sum[:]), nil
 }
 
 func readSavedConfig(dir string) (*savedConfig, error) {
@@ -459,7 +503,7 @@ func (m *Model) loadPEFT(dir string, f PEFTFormat, o loadOptions) error {
 	if err != nil {
 		return err
 	}
-	record, err := ourRecord(file, fields)
+	record, err := ourRecord(file.Metadata, fields)
 	if err != nil {
 		return err
 	}
@@ -564,7 +608,7 @@ func (m *Model) checkBase(saved *savedBase, dir string, o loadOptions) error {
 	if name == "" {
 		name = "(unnamed)"
 	}
-	return fmt.Errorf("%w: %s was saved on base model %s whose weights have fingerprint %.16s…, this model's base has %.16s… (load with peft.AllowOtherBase() to apply it anyway)",
+	return fmt.Errorf("%w: %s was saved on base model %s whose weights have fingerprint %.16s…, this model's base has %.16s… (load with peft.AllowOtherBase(), or -allow-other-base in the example programs, to apply it anyway)",
 		ErrOtherBase, dir, name, saved.Fingerprint, m.fingerprint)
 }
 

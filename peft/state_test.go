@@ -64,7 +64,10 @@ func TestSaveAndReadConfig(t *testing.T) {
 	require.Equal(t, "SEQ_CLS", raw["task_type"])
 	require.Equal(t, true, raw["inference_mode"])
 	require.EqualValues(t, 4, raw["r"])
-	require.Equal(t, map[string]any{"v_proj": 2.0}, raw["rank_pattern"])
+	// Patterns are written resolved, one key per layer that differs, so that every PEFT version's
+	// matching rule and any key order give the same ranks.
+	require.Equal(t, map[string]any{`layers\.0\.self_attn\.v_proj`: 2.0, `layers\.1\.self_attn\.v_proj`: 2.0}, raw["rank_pattern"])
+	require.Equal(t, map[string]any{}, raw["alpha_pattern"])
 	require.Equal(t, []any{"score"}, raw["modules_to_save"])
 	require.NotContains(t, raw, "seed", "PEFT before 0.14 fails on fields it does not know")
 	var keys []string
@@ -113,10 +116,21 @@ func TestLoadRejectsOtherStates(t *testing.T) {
 	other, _ := newLoRAModel(t, func(c *lora.Config) { c.Rank = 4 })
 	before := pefttest.Logits(t, other)
 	err = other.Load(dir)
-	require.ErrorContains(t, err, "gives another adapter than the model's")
-	require.ErrorContains(t, err, `file {"r":8,`)
-	require.ErrorContains(t, err, `model {"r":4,`)
+	require.ErrorContains(t, err, "adapter_config.json: rank 8 for model.layers.0.self_attn.q_proj (r, rank_pattern), the model's method has 4")
 	require.Equal(t, before, pefttest.Logits(t, other), "a rejected load changes nothing")
+	alpha, _ := newLoRAModel(t, func(c *lora.Config) { c.Alpha = 16 })
+	require.ErrorContains(t, alpha.Load(dir), "scale 1 for model.layers.0.self_attn.q_proj (lora_alpha, alpha_pattern, use_rslora), the model's method has 2")
+	targets, _ := newLoRAModel(t, func(c *lora.Config) { c.TargetModules = peft.TargetNames("q_proj") })
+	require.ErrorContains(t, targets.Load(dir), `target_modules ["q_proj" "v_proj"] adapt model.layers.0.self_attn.v_proj, which the model's method leaves alone`)
+	// Patterns written otherwise that resolve to the same ranks are the same adapter.
+	patterned, _ := newLoRAModel(t, func(c *lora.Config) { c.RankPattern = peft.Patterns[int]{{Key: "v_proj", Value: 2}} })
+	patternDir := t.TempDir()
+	require.NoError(t, patterned.Save(patternDir))
+	same2, _ := newLoRAModel(t, func(c *lora.Config) {
+		c.RankPattern = peft.Patterns[int]{{Key: `layers\.\d\.self_attn\.v_proj`, Value: 2}, {Key: "q_proj", Value: 8}}
+	})
+	require.NoError(t, same2.Load(patternDir))
+	require.Equal(t, pefttest.Logits(t, patterned), pefttest.Logits(t, same2))
 
 	// Dropout, initialization and seed do not change a trained adapter.
 	same, _ := newLoRAModel(t, func(c *lora.Config) { c.Seed, c.Dropout, c.InitA = 3, 0.1, lora.InitGaussian })

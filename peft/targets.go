@@ -3,6 +3,7 @@ package peft
 import (
 	"encoding/json"
 	"fmt"
+	"log"
 	"regexp"
 	"strings"
 
@@ -101,6 +102,41 @@ func (t Targets) Select(layout *Layout) ([]*LinearLayer, error) {
 	return selected, nil
 }
 
+// SameTargets returns an error naming the first linear layer of layout that theirs (a saved
+// configuration's targets, read from source) selects differently from adapted (the applied
+// method's choice): both must adapt the same layers.
+func SameTargets(layout *Layout, adapted func(path string) bool, theirs Targets, source string) error {
+	for _, layer := range layout.Linears {
+		ours, saved := adapted(layer.Path), theirs.Matches(layer)
+		switch {
+		case saved && !ours:
+			return fmt.Errorf("%s: target_modules %s adapt %s, which the model's method leaves alone", source, theirs, layer.Path)
+		case ours && !saved:
+			return fmt.Errorf("%s: target_modules %s leave %s alone, which the model's method adapts", source, theirs, layer.Path)
+		}
+	}
+	return nil
+}
+
+// PEFTPatternKey is the rank_pattern / alpha_pattern key Save writes for the layer at path of
+// layout: the path without its first element, regex-escaped ("layers\.0\.self_attn\.q_proj"),
+// which matches that layer alone under both PEFT's rule since 0.14, (.*\.)?(key)$, and the
+// earlier one, .*\.key$; the whole path where the shorter key would match another layer too.
+func PEFTPatternKey(layout *Layout, path string) string {
+	_, rest, found := strings.Cut(path, ".")
+	if !found {
+		return regexp.QuoteMeta(path)
+	}
+	key := regexp.QuoteMeta(rest)
+	re := regexp.MustCompile(`^(?:.*\.)?(?:` + key + `)$`)
+	for _, layer := range layout.Linears {
+		if layer.Path != path && re.MatchString(layer.Path) {
+			return regexp.QuoteMeta(path)
+		}
+	}
+	return key
+}
+
 // MarshalJSON writes a pattern as a string and names as a list, like HF's target_modules.
 func (t Targets) MarshalJSON() ([]byte, error) {
 	if t.Pattern != "" {
@@ -127,10 +163,12 @@ func (t *Targets) UnmarshalJSON(data []byte) error {
 // ModulesToSave returns the variables of the base model that belong to the named modules, which a
 // method trains and saves in full besides its own weights (Hugging Face's modules_to_save, e.g.
 // a new classifier head "score"). A name matches a module whose path is the name or ends with "."
-// + name; a name that matches nothing is an error. Each variable is returned once, even when
-// several names match it.
+// + name. As in PEFT, names that match nothing are skipped (PEFT's classifiers list both
+// "classifier" and "score"), with one log line, and it is an error only when none matches. Each
+// variable is returned once, even when several names match it.
 func ModulesToSave(layout *Layout, names []string) ([]*context.Variable, error) {
 	var selected []*context.Variable
+	var unmatched []string
 	seen := map[*context.Variable]bool{}
 	for _, name := range names {
 		found := false
@@ -144,8 +182,16 @@ func ModulesToSave(layout *Layout, names []string) ([]*context.Variable, error) 
 			}
 		}
 		if !found {
-			return nil, fmt.Errorf("modules_to_save: %q matches no module of the model", name)
+			unmatched = append(unmatched, name)
 		}
+	}
+	switch {
+	case len(names) == 1 && len(selected) == 0:
+		return nil, fmt.Errorf("modules_to_save: %q matches no module of the model", names[0])
+	case len(names) > 0 && len(selected) == 0:
+		return nil, fmt.Errorf("modules_to_save: none of %q matches a module of the model", names)
+	case len(unmatched) > 0:
+		log.Printf("peft: modules_to_save: %q match no module of the model and are skipped", unmatched)
 	}
 	return selected, nil
 }

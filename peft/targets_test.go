@@ -1,7 +1,10 @@
 package peft_test
 
 import (
+	"bytes"
 	"encoding/json"
+	"log"
+	"os"
 	"testing"
 
 	"github.com/gomlx/gomlx/pkg/ml/context"
@@ -284,11 +287,20 @@ func TestModulesToSave(t *testing.T) {
 		want  string
 	}{
 		{[]string{"classifier"}, `modules_to_save: "classifier" matches no module of the model`},
-		{[]string{"score", "sco"}, `modules_to_save: "sco" matches no module of the model`},
+		{[]string{"sco", "classifier"}, `modules_to_save: none of ["sco" "classifier"] matches a module`},
 		{[]string{"dense.weights"}, `"dense.weights" matches no module`}, // variable names are not modules
 		{[]string{"layers.2"}, `"layers.2" matches no module`},
 	} {
 		_, err := peft.ModulesToSave(layout, tc.names)
 		require.ErrorContains(t, err, tc.want)
 	}
+	// As in PEFT, whose classifiers save ["classifier", "score"]: names matching nothing are
+	// skipped with a log line when another matches.
+	var logged bytes.Buffer
+	log.SetOutput(&logged)
+	defer log.SetOutput(os.Stderr)
+	vars, err := peft.ModulesToSave(layout, []string{"classifier", "score"})
+	require.NoError(t, err)
+	require.Len(t, vars, 2) // the score head's weights and biases
+	require.Contains(t, logged.String(), `["classifier"] match no module of the model and are skipped`)
 }

@@ -4,7 +4,6 @@ import (
 	"github.com/gomlx/gomlx/pkg/core/tensors"
 	"github.com/gomlx/gomlx/pkg/ml/context"
 
-	"peft/lora"
 	"peft/peft"
 	"peft/peft/safetensors"
 )
@@ -25,11 +24,7 @@ func (l *QLoRA) PEFTConfig(ctx *context.Context) (map[string]any, error) {
 
 // CheckPEFTConfig implements peft.PEFTFormat: LoRA's.
 func (l *QLoRA) CheckPEFTConfig(fields *peft.PEFTFields) error {
-	c, err := lora.ParsePEFTConfig(fields)
-	if err != nil {
-		return err
-	}
-	return lora.CheckSameAdapter(fields.Source(), l.cfg.Config, c)
+	return l.lora.CheckPEFTConfig(fields)
 }
 
 // PEFTTensors implements peft.PEFTFormat: LoRA's.

@@ -25,6 +25,8 @@ import json
 import os
 import sys
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never ask the Hub
+
 import torch
 import peft
 import transformers
@@ -35,7 +37,11 @@ from transformers import AutoModelForCausalLM
 
 
 def base_model(out):
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "base"), torch_dtype=torch.float32)
+    path = os.path.join(out, "base")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # transformers ≥ 4.56
+    except TypeError:
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     return model.eval()
 
 
@@ -55,7 +61,7 @@ def check_ours(out, tol):
             model = PeftModel.from_pretrained(base_model(out), folder).eval()
             # PEFT silently ignores unexpected keys: check it took exactly the file's tensors.
             saved = load_file(os.path.join(folder, "adapter_model.safetensors"))
-            loaded = get_peft_model_state_dict(model)
+            loaded = get_peft_model_state_dict(model, save_embedding_layers=False)
             if set(saved) != set(loaded):
                 raise ValueError(f"keys differ: only in file {sorted(set(saved) - set(loaded))}, "
                                  f"only in PEFT {sorted(set(loaded) - set(saved))}")

@@ -52,7 +52,11 @@ func main() {
 	topK := flag.Int("top-k", 0, "sample among the k most likely tokens (0: off)")
 	topP := flag.Float64("top-p", 0, "sample among the most likely tokens whose probabilities sum to p (0: off)")
 	seed := flag.Uint64("seed", 0, "sampling seed")
+	allowOtherBase := flag.Bool("allow-other-base", false, "apply the adapter even if it was saved on a base model with other weights")
 	flag.Parse()
+	if *allowOtherBase {
+		loadOptions = append(loadOptions, peft.AllowOtherBase())
+	}
 	if err := run(*modelDir, *prompt, *maxNew, *adapterDir, *asJSON, generate.Config{
 		MaxNewTokens: *maxNew, Temperature: *temperature, TopK: *topK, TopP: *topP, Seed: *seed,
 	}); err != nil {
@@ -60,6 +64,9 @@ func main() {
 		os.Exit(1)
 	}
 }
+
+// loadOptions are passed to Model.Load (-allow-other-base).
+var loadOptions []peft.LoadOption
 
 func run(modelDir, prompt string, maxNew int, adapterDir string, asJSON bool, genCfg generate.Config) error {
 	b, err := backend.Get()
@@ -98,7 +105,7 @@ func run(modelDir, prompt string, maxNew int, adapterDir string, asJSON bool, ge
 		return err
 	}
 	if method != nil {
-		if err := m.Load(adapterDir); err != nil {
+		if err := m.Load(adapterDir, loadOptions...); err != nil {
 			return err
 		}
 	}

@@ -29,7 +29,11 @@ func main() {
 	modelDir := flag.String("model", "", "base model: a Hugging Face Llama folder (default: the embedded stories260K)")
 	adapterDir := flag.String("adapter", "", "saved adapter to merge: a Hugging Face PEFT LoRA/AdaLoRA folder (from this SDK or from PEFT) or this SDK's layout")
 	out := flag.String("out", "", "folder to write the merged model to")
+	allowOtherBase := flag.Bool("allow-other-base", false, "apply the adapter even if it was saved on a base model with other weights")
 	flag.Parse()
+	if *allowOtherBase {
+		loadOptions = append(loadOptions, peft.AllowOtherBase())
+	}
 	if *adapterDir == "" || *out == "" {
 		fmt.Fprintln(os.Stderr, "merge: -adapter and -out are required")
 		flag.Usage()
@@ -43,6 +47,9 @@ func main() {
 
 // tokenizerFiles are copied from the base model's folder when present.
 var tokenizerFiles = []string{"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"}
+
+// loadOptions are passed to Model.Load (-allow-other-base).
+var loadOptions []peft.LoadOption
 
 func run(modelDir, adapterDir, out string) error {
 	b, err := backend.Get()
@@ -68,7 +75,7 @@ func run(modelDir, adapterDir, out string) error {
 	if err != nil {
 		return err
 	}
-	if err := m.Load(adapterDir); err != nil {
+	if err := m.Load(adapterDir, loadOptions...); err != nil {
 		return err
 	}
 	if err := m.Merge(); err != nil {

@@ -123,8 +123,8 @@ type Config struct {
 	Beta1 float64 `json:"beta1"`
 	// Beta2 is the smoothing factor of the uncertainty average Ū. Default 0.85. In (0, 1).
 	Beta2 float64 `json:"beta2"`
-	// OrthRegWeight is γ, the weight of the orthogonal regularization. Default 0.5. Must be > 0
-	// (as in Hugging Face).
+	// OrthRegWeight is γ, the weight of the orthogonal regularization. Default 0.5. Must be ≥ 0
+	// (as in Hugging Face; 0 turns it off).
 	OrthRegWeight float64 `json:"orth_reg_weight"`
 	// TotalSteps is T, the number of training steps the budget schedule spans. Required (> 0);
 	// train for this many steps.
@@ -170,8 +170,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("adalora: beta1 must be in (0, 1), got %g", c.Beta1)
 	case !(c.Beta2 > 0 && c.Beta2 < 1):
 		return fmt.Errorf("adalora: beta2 must be in (0, 1), got %g", c.Beta2)
-	case !(c.OrthRegWeight > 0) || math.IsInf(c.OrthRegWeight, 0):
-		return fmt.Errorf("adalora: orth_reg_weight must be > 0 and finite, got %g", c.OrthRegWeight)
+	case !(c.OrthRegWeight >= 0) || math.IsInf(c.OrthRegWeight, 0):
+		return fmt.Errorf("adalora: orth_reg_weight must be ≥ 0 and finite, got %g", c.OrthRegWeight)
 	case c.TotalSteps <= 0:
 		return fmt.Errorf("adalora: total_step is required and must be > 0 (the number of training steps), got %d", c.TotalSteps)
 	case c.TInit < 0:
@@ -226,6 +226,7 @@ type AdaLoRA struct {
 	targets map[string]*target  // by layer path
 	order   []*target           // model order
 	modules []*context.Variable // ModulesToSave's variables
+	layout  *peft.Layout        // the model's, from Init
 	merge   peft.WeightMerge
 
 	mu        sync.Mutex
@@ -350,6 +351,7 @@ func (a *AdaLoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 		a.targets[layer.Path] = t
 		a.order = append(a.order, t)
 	}
+	a.layout = layout
 	return nil
 }
 
@@ -409,7 +411,7 @@ func (a *AdaLoRA) Linear(ctx *context.Context, layer *peft.LinearLayer, x *graph
 // Loss implements peft.LossHook: OrthRegWeight·mean over the factor matrices of
 // ‖QQᵀ − I‖_F and ‖PᵀP − I‖_F (QQᵀ = AᵀA and PᵀP = BBᵀ in our layout).
 func (a *AdaLoRA) Loss(_ *context.Context, g *graph.Graph) *graph.Node {
-	if len(a.order) == 0 {
+	if len(a.order) == 0 || a.cfg.OrthRegWeight == 0 {
 		return nil
 	}
 	r := a.cfg.InitRank

@@ -147,7 +147,7 @@ func TestBadConfig(t *testing.T) {
 		{"beta1 one", func(c *adalora.Config) { c.Beta1 = 1 }, "beta1 must be in (0, 1), got 1"},
 		{"beta2 negative", func(c *adalora.Config) { c.Beta2 = -0.1 }, "beta2 must be in (0, 1), got -0.1"},
 		{"beta2 one", func(c *adalora.Config) { c.Beta2 = 1 }, "beta2 must be in (0, 1), got 1"},
-		{"orth weight zero", func(c *adalora.Config) { c.OrthRegWeight = 0 }, "orth_reg_weight must be > 0"},
+		{"orth weight negative", func(c *adalora.Config) { c.OrthRegWeight = -1 }, "orth_reg_weight must be ≥ 0"},
 		{"deltaT zero", func(c *adalora.Config) { c.DeltaT = 0 }, "deltaT must be ≥ 1, got 0"},
 		{"alpha zero", func(c *adalora.Config) { c.Alpha = 0 }, "lora_alpha must be > 0"},
 		{"alpha NaN", func(c *adalora.Config) { c.Alpha = math.NaN() }, "lora_alpha must be > 0"},

@@ -1,9 +1,7 @@
 package adalora
 
 import (
-	"encoding/json"
 	"fmt"
-	"reflect"
 	"slices"
 	"strings"
 
@@ -47,20 +45,17 @@ func (a *AdaLoRA) PEFTConfig(*context.Context) (map[string]any, error) {
 		}
 		pattern = append(pattern, peft.Pattern[[]bool]{Key: t.layer.Path + ".lora_E", Value: kept})
 	}
-	var modules any
-	if len(c.ModulesToSave) > 0 {
-		modules = c.ModulesToSave
-	}
-	return map[string]any{
+	fields := lora.PEFTDefaults()
+	for key, value := range map[string]any{
 		"init_r": c.InitRank, "target_r": c.TargetRank, "tinit": c.TInit, "tfinal": c.TFinal,
 		"deltaT": c.DeltaT, "beta1": c.Beta1, "beta2": c.Beta2, "orth_reg_weight": c.OrthRegWeight,
 		"total_step": c.TotalSteps, "lora_alpha": lora.PEFTNumber(c.Alpha), "lora_dropout": c.Dropout,
-		"target_modules": c.TargetModules, "modules_to_save": modules, "rank_pattern": pattern,
-		"r": 8, "alpha_pattern": map[string]any{}, "use_rslora": false, "init_lora_weights": true,
-		"bias": "none", "fan_in_fan_out": false, "use_dora": false, "layers_to_transform": nil,
-		"layers_pattern": nil, "layer_replication": nil, "loftq_config": map[string]any{},
-		"megatron_config": nil, "megatron_core": "megatron.core",
-	}, nil
+		"target_modules": c.TargetModules, "modules_to_save": peft.ListOrNull(c.ModulesToSave),
+		"rank_pattern": pattern,
+	} {
+		fields[key] = value
+	}
+	return fields, nil
 }
 
 // ParsePEFTConfig builds the AdaLoRA configuration of a PEFT adapter_config.json (peft_type
@@ -94,31 +89,24 @@ func ParsePEFTConfig(fields *peft.PEFTFields) (Config, error) {
 	return c, nil
 }
 
-// CheckPEFTConfig implements peft.PEFTFormat: the file must give the same initial rank, alpha,
-// targets and modules to save (the budget schedule and regularization only shape training).
+// CheckPEFTConfig implements peft.PEFTFormat: the file must adapt the same layers with the same
+// initial rank and alpha (the budget schedule and regularization only shape training; the modules
+// to save are checked by their tensors).
 func (a *AdaLoRA) CheckPEFTConfig(fields *peft.PEFTFields) error {
 	c, err := ParsePEFTConfig(fields)
 	if err != nil {
 		return err
 	}
-	if view := func(c Config) Config {
-		return Config{InitRank: c.InitRank, Alpha: c.Alpha, TargetModules: peft.Targets{Pattern: c.TargetModules.Pattern,
-			Names: sorted(c.TargetModules.Names)}, ModulesToSave: sorted(c.ModulesToSave)}
-	}; !reflect.DeepEqual(view(a.cfg), view(c)) {
-		w, _ := json.Marshal(view(a.cfg))
-		g, _ := json.Marshal(view(c))
-		return fmt.Errorf("adalora: the configuration in %s gives another adapter than the model's: file %s, model %s", fields.Source(), g, w)
+	switch {
+	case c.InitRank != a.cfg.InitRank:
+		return fmt.Errorf("adalora: %s: init_r %d, the model's method has %d", fields.Source(), c.InitRank, a.cfg.InitRank)
+	case c.Alpha != a.cfg.Alpha:
+		return fmt.Errorf("adalora: %s: lora_alpha %g, the model's method has %g", fields.Source(), c.Alpha, a.cfg.Alpha)
+	}
+	if err := peft.SameTargets(a.layout, func(path string) bool { return a.targets[path] != nil }, c.TargetModules, fields.Source()); err != nil {
+		return fmt.Errorf("adalora: %w", err)
 	}
 	return nil
-}
-
-func sorted(names []string) []string {
-	if len(names) == 0 {
-		return nil
-	}
-	names = slices.Clone(names)
-	slices.Sort(names)
-	return slices.Compact(names)
 }
 
 // PEFTTensors implements peft.PEFTFormat.

@@ -67,6 +67,7 @@ func (p *Pretrained) NewContext() (*context.Context, error) {
 		}
 		ctx.InAbsPath(v.Scope()).VariableWithValue(v.Name(), clone)
 	}
+	peft.SetBaseModel(ctx, peft.BaseModelOf(p.weights)) // saved adapters name the same base
 	return ctx, nil
 }
 

@@ -1,8 +1,11 @@
 package methods_test
 
 import (
+	"bytes"
+	"log"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/gomlx/gomlx/pkg/core/shapes"
@@ -92,6 +95,7 @@ func TestAdapterKnowsItsBase(t *testing.T) {
 	require.NoError(t, peft.SetFloat32s(head, values))
 	require.NoError(t, sameBase.Load(dir))
 	require.Equal(t, pefttest.Logits(t, m), pefttest.Logits(t, sameBase))
+	require.NoError(t, sameBase.Load(dir, peft.AdapterName("default")), `PEFT keeps "default" in the folder itself`)
 
 	// base_model_name_or_path is written for PEFT's AutoPeftModel.
 	fields, err := peft.ReadPEFTFields(dir)
@@ -99,6 +103,27 @@ func TestAdapterKnowsItsBase(t *testing.T) {
 	var name string
 	require.NoError(t, fields.Get("base_model_name_or_path", &name))
 	require.Equal(t, "tiny-llama", name)
+
+	// Editing what does not change the adapter (the base's Hub id, line endings, formatting)
+	// keeps the SDK's record: the exact configuration comes back and the base is still checked.
+	data, err := os.ReadFile(filepath.Join(dir, peft.AdapterConfigFile))
+	require.NoError(t, err)
+	edited := strings.ReplaceAll(strings.Replace(string(data), `"tiny-llama"`, `"org/tiny-llama"`, 1), "\n", "\r\n")
+	require.NoError(t, os.WriteFile(filepath.Join(dir, peft.AdapterConfigFile), []byte(edited), 0o644))
+	rebuilt, err := methods.FromFolder(dir, "")
+	require.NoError(t, err)
+	require.Equal(t, m.Method().Config(), rebuilt.Config())
+	require.ErrorIs(t, other.Load(dir), peft.ErrOtherBase)
+	// Editing what changes it makes the folder a plain PEFT adapter, said in one log line.
+	var logged bytes.Buffer
+	log.SetOutput(&logged)
+	defer log.SetOutput(os.Stderr)
+	edited = strings.Replace(edited, `"lora_alpha": 8`, `"lora_alpha": 4`, 1)
+	require.NoError(t, os.WriteFile(filepath.Join(dir, peft.AdapterConfigFile), []byte(edited), 0o644))
+	rebuilt, err = methods.FromFolder(dir, "")
+	require.NoError(t, err)
+	require.Equal(t, 4.0, rebuilt.Config().(lora.Config).Alpha)
+	require.Contains(t, logged.String(), "changed since this SDK saved the adapter")
 
 	// Full fine-tuning saves the whole model: no base to check.
 	f, err := full.New(full.DefaultConfig())
@@ -117,6 +142,18 @@ func TestMethodValueAppliedOnce(t *testing.T) {
 	_, err = peft.NewModel(b, ctx, llama.Classifier(pefttest.Config(), 2), l, shapes.Make(dtypes.Int32, 2, 4))
 	require.ErrorContains(t, err, "already applied to another model")
 	_ = pefttest.Logits(t, first) // the first model still works
+
+	// A NewModel that fails does not bind the method: it can be applied again.
+	p, err := prompttuning.New(prompttuning.DefaultConfig())
+	require.NoError(t, err)
+	ctx = context.New()
+	require.NoError(t, llama.Init(ctx, pefttest.Config(), 2, 1))
+	_, err = peft.NewModel(b, ctx, llama.Classifier(pefttest.Config(), 2), p, shapes.Make(dtypes.Int32, 1, 60))
+	require.ErrorContains(t, err, "more than the model's maximum length")
+	ctx = context.New()
+	require.NoError(t, llama.Init(ctx, pefttest.Config(), 2, 1))
+	_, err = peft.NewModel(b, ctx, llama.Classifier(pefttest.Config(), 2), p, shapes.Make(dtypes.Int32, 1, 8))
+	require.NoError(t, err)
 }
 
 func plainLoRA() peft.Method {

@@ -41,7 +41,10 @@ import (
 var prompt = []int{1, 403, 407, 261, 378}
 
 // expected is the content of expected.json: logits by case.
-type expected map[string]struct {
+type expected map[string]caseLogits
+
+// caseLogits are one case's prompt and logits.
+type caseLogits struct {
 	PromptIDs []int     `json:"prompt_ids"`
 	Logits    []float32 `json:"logits"` // [len(prompt_ids), vocab], row-major
 	Vocab     int       `json:"vocab"`
@@ -119,11 +122,7 @@ func writeAll(out string) error {
 		if err != nil {
 			return err
 		}
-		exp[name] = struct {
-			PromptIDs []int     `json:"prompt_ids"`
-			Logits    []float32 `json:"logits"`
-			Vocab     int       `json:"vocab"`
-		}{prompt, logits, vocab}
+		exp[name] = caseLogits{PromptIDs: prompt, Logits: logits, Vocab: vocab}
 		fmt.Printf("%-22s saved to %s\n", name, filepath.Join(out, "go", name))
 	}
 	data, err := json.Marshal(exp)
