@@ -27,9 +27,9 @@ import (
 func (l *LoRA) PEFTType() string { return "LORA" }
 
 // PEFTConfig implements peft.PEFTFormat. rank_pattern and alpha_pattern are written resolved:
-// one key per layer whose rank or alpha differs from r or lora_alpha (peft.PEFTPatternKey), so
-// that they mean the same under every PEFT version's matching rule and in any key order (PEFT
-// sorts the keys when it saves a configuration again).
+// one key per layer whose rank or alpha differs from r or lora_alpha, selecting that layer alone
+// (peft.PEFTPatternKey), so that they mean the same under every PEFT version's matching rule and
+// in any key order (PEFT sorts the keys when it saves a configuration again).
 func (l *LoRA) PEFTConfig(*context.Context) (map[string]any, error) {
 	c := l.cfg
 	init := any(true)
@@ -39,7 +39,13 @@ func (l *LoRA) PEFTConfig(*context.Context) (map[string]any, error) {
 	rankPattern, alphaPattern := peft.Patterns[int]{}, peft.Patterns[any]{}
 	for _, t := range l.order {
 		rank, alpha, _ := c.resolve(t.layer.Path)
-		key := peft.PEFTPatternKey(l.layout, t.layer.Path)
+		if rank == c.Rank && alpha == c.Alpha {
+			continue
+		}
+		key, err := peft.PEFTPatternKey(l.layout, t.layer.Path)
+		if err != nil {
+			return nil, fmt.Errorf("lora: %w", err)
+		}
 		if rank != c.Rank {
 			rankPattern = append(rankPattern, peft.Pattern[int]{Key: key, Value: rank})
 		}
@@ -151,14 +157,17 @@ func RefusePEFTVariants(fields *peft.PEFTFields) error {
 }
 
 // CheckPEFTConfig implements peft.PEFTFormat: the file must adapt the same layers with the same
-// rank and scale (dropout and initialization do not change a trained adapter; the modules to save
-// are checked by their tensors).
+// rank and scale, and save the same modules (dropout and initialization do not change a trained
+// adapter).
 func (l *LoRA) CheckPEFTConfig(fields *peft.PEFTFields) error {
 	c, err := ParsePEFTConfig(fields)
 	if err != nil {
 		return err
 	}
 	if err := peft.SameTargets(l.layout, func(path string) bool { return l.targets[path] != nil }, c.TargetModules, fields.Source()); err != nil {
+		return fmt.Errorf("lora: %w", err)
+	}
+	if err := peft.SameModules(l.layout, l.modules, c.ModulesToSave, fields.Source()); err != nil {
 		return fmt.Errorf("lora: %w", err)
 	}
 	for _, t := range l.order {

@@ -105,18 +105,35 @@ func fingerprint(digests map[string]string, saved map[string]bool) string {
 
 // boundMethods maps each method value applied by NewModel to its model (weakly), so that one
 // method value applied to two models is refused: it holds the variables of the first.
-var boundMethods sync.Map // Method → weak.Pointer[Model]
+var boundMethods sync.Map // Method → binding
 
-// checkUnbound errs if method already belongs to a live model: NewModel calls it before the
-// method's Init, which would take the method's state away from that model.
-func checkUnbound(method Method) error {
+// binding is a method's entry in boundMethods: its model, or the zero binding while a NewModel
+// applying it runs.
+type binding struct{ model weak.Pointer[Model] }
+
+// reserveMethod claims method for a NewModel about to apply it, atomically, and returns the
+// function that releases the claim if NewModel fails. A method held by a live model, or claimed by
+// a NewModel running concurrently, is an error.
+func reserveMethod(method Method) (release func(), err error) {
 	if method == nil || !reflect.TypeOf(method).Comparable() {
-		return nil
+		return func() {}, nil
 	}
-	if previous, ok := boundMethods.Load(method); ok && previous.(weak.Pointer[Model]).Value() != nil {
-		return fmt.Errorf("peft.NewModel: this %s method value is already applied to another model, whose variables it holds: build a new method (with the same Config) for each model", method.Name())
+	for {
+		previous, loaded := boundMethods.LoadOrStore(method, binding{})
+		if !loaded {
+			return func() { boundMethods.CompareAndDelete(method, binding{}) }, nil
+		}
+		b := previous.(binding)
+		switch {
+		case b == binding{}:
+			return nil, fmt.Errorf("peft.NewModel: this %s method value is being applied to another model right now: build a new method (with the same Config) for each model", method.Name())
+		case b.model.Value() != nil:
+			return nil, fmt.Errorf("peft.NewModel: this %s method value is already applied to another model, whose variables it holds: build a new method (with the same Config) for each model", method.Name())
+		}
+		if boundMethods.CompareAndSwap(method, previous, binding{}) { // its model is gone
+			return func() { boundMethods.CompareAndDelete(method, binding{}) }, nil
+		}
 	}
-	return nil
 }
 
 // bindMethod records that method belongs to m, once NewModel has succeeded.
@@ -124,13 +141,10 @@ func bindMethod(method Method, m *Model) {
 	if method == nil || !reflect.TypeOf(method).Comparable() {
 		return
 	}
-	boundMethods.Store(method, weak.Make(m))
-	// Forget the binding once the model is gone, unless another model took the method since.
-	runtime.AddCleanup(m, func(method Method) {
-		if wp, ok := boundMethods.Load(method); ok && wp.(weak.Pointer[Model]).Value() == nil {
-			boundMethods.CompareAndDelete(method, wp)
-		}
-	}, method)
+	b := binding{weak.Make(m)}
+	boundMethods.Store(method, b)
+	// Forget the binding once the model is gone (unless another model took the method since).
+	runtime.AddCleanup(m, func(method Method) { boundMethods.CompareAndDelete(method, b) }, method)
 }
 
 // paramModels is the context parameter (at the root scope) listing the models applied to the

@@ -349,6 +349,9 @@ func encodePEFTConfig(fields map[string]any) ([]byte, error) {
 
 // readBounded reads a regular file of at most limit bytes, refusing anything else before reading.
 func readBounded(path string, limit int64) ([]byte, error) {
+	if err := checkRegular(path); err != nil {
+		return nil, err
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("peft: %w", err)
@@ -377,6 +380,9 @@ func readBounded(path string, limit int64) ([]byte, error) {
 // readMetadata reads the __metadata__ of a safetensors file from its header alone, checking the
 // header's length against the file before reading it.
 func readMetadata(path string) (map[string]string, error) {
+	if err := checkRegular(path); err != nil {
+		return nil, err
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("peft: %w", err)
@@ -417,6 +423,19 @@ func ListOrNull(names []string) any {
 		return nil
 	}
 	return names
+}
+
+// checkRegular errs unless path is a regular file (after links), before anything opens it: opening
+// a named pipe would block.
+func checkRegular(path string) error {
+	info, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("peft: %w", err)
+	}
+	if !info.Mode().IsRegular() {
+		return fmt.Errorf("peft: %s is not a regular file", path)
+	}
+	return nil
 }
 
 func truncateText(s string, n int) string {

@@ -68,9 +68,16 @@ func NewModel(backend backends.Backend, ctx *context.Context, fn ModelFn, method
 		registerModel(ctx, m)
 		return m, nil
 	}
-	if err := checkUnbound(method); err != nil {
+	release, err := reserveMethod(method)
+	if err != nil {
 		return nil, err
 	}
+	bound := false
+	defer func() {
+		if !bound {
+			release()
+		}
+	}()
 	if err := catch(fmt.Sprintf("peft.NewModel: %s", method.Name()), func() error {
 		return method.Init(ctx, layout)
 	}); err != nil {
@@ -96,6 +103,7 @@ func NewModel(backend backends.Backend, ctx *context.Context, fn ModelFn, method
 		tv.Variable.SetTrainable(true)
 	}
 	bindMethod(method, m)
+	bound = true
 	registerModel(ctx, m)
 	return m, nil
 }

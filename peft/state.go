@@ -258,7 +258,7 @@ func nilIfEmpty(s string) any {
 // type), so the method can be rebuilt before Load. Folders PEFT wrote have no such configuration:
 // use package methods, which builds the method from adapter_config.json.
 func ReadConfig(dir string, config any) (method string, err error) {
-	saved, err := ReadAdapter(dir, "")
+	saved, err := ReadAdapter(dir)
 	if err != nil {
 		return "", err
 	}
@@ -286,10 +286,12 @@ type SavedAdapter struct {
 	Fields *PEFTFields
 }
 
-// ReadAdapter finds the adapter in dir (FindAdapter: name selects a sub-folder) and reads what it
-// says about its method, checking that its configuration and tensors belong together.
-func ReadAdapter(dir, name string) (*SavedAdapter, error) {
-	folder, format, err := FindAdapter(dir, name)
+// ReadAdapter finds the adapter in dir (FindAdapter, with the sub-folder AdapterName gives) and
+// reads what it says about its method, checking that its configuration and tensors belong
+// together (AsPlainPEFT: reading a PEFT folder by its adapter_config.json alone).
+func ReadAdapter(dir string, opts ...LoadOption) (*SavedAdapter, error) {
+	o := loadOptionsOf(opts)
+	folder, format, err := FindAdapter(dir, o.adapterName)
 	if err != nil {
 		return nil, err
 	}
@@ -312,7 +314,7 @@ func ReadAdapter(dir, name string) (*SavedAdapter, error) {
 	if err != nil {
 		return nil, err
 	}
-	record, err := ourRecord(metadata, saved.Fields)
+	record, err := ourRecord(metadata, saved.Fields, o.plainPEFT)
 	if err != nil {
 		return nil, err
 	}
@@ -340,6 +342,9 @@ func readAdapterWeights(dir string) (*safetensors.File, error) {
 	if err := checkAdapterWeights(dir); err != nil {
 		return nil, err
 	}
+	if err := checkRegular(filepath.Join(dir, AdapterWeightsFile)); err != nil {
+		return nil, err
+	}
 	file, err := safetensors.Read(filepath.Join(dir, AdapterWeightsFile))
 	if err != nil {
 		return nil, fmt.Errorf("peft: %w", err)
@@ -348,13 +353,12 @@ func readAdapterWeights(dir string) (*safetensors.File, error) {
 }
 
 // ourRecord returns the record Save keeps in a PEFT adapter file's metadata, or nil if there is
-// none (PEFT wrote the folder). A record saved with another adapter configuration than the
-// folder's (adapter_config.json edited in a field that changes the adapter, or a save
-// interrupted between the two files) is set aside with one log line: the folder then loads as a
-// plain PEFT adapter, as PEFT itself would read it.
-func ourRecord(metadata map[string]string, fields *PEFTFields) (*savedConfig, error) {
+// none (PEFT wrote the folder) or plain is set (AsPlainPEFT). A record saved with another adapter
+// configuration than the folder's is an error: a save interrupted between the two files, or
+// adapter_config.json edited in a field that changes the adapter.
+func ourRecord(metadata map[string]string, fields *PEFTFields, plain bool) (*savedConfig, error) {
 	raw, ok := metadata[metadataRecord]
-	if !ok {
+	if !ok || plain {
 		return nil, nil
 	}
 	var record savedConfig
@@ -366,9 +370,8 @@ func ourRecord(metadata map[string]string, fields *PEFTFields) (*savedConfig, er
 		return nil, err
 	}
 	if record.AdapterConfigSHA256 != digest {
-		log.Printf("peft: %s changed since this SDK saved the adapter: reading it as a plain Hugging Face PEFT adapter (the SDK's own configuration and base fingerprint are not used)",
-			fields.source)
-		return nil, nil
+		return nil, fmt.Errorf("peft: %s is not the configuration %s was saved with (an interrupted save, or the file was edited in a field that changes the adapter): save again, or read the folder as a plain PEFT adapter with peft.AsPlainPEFT()",
+			fields.source, AdapterWeightsFile)
 	}
 	return &record, nil
 }
@@ -421,20 +424,26 @@ type LoadOption func(*loadOptions)
 type loadOptions struct {
 	allowOtherBase bool
 	adapterName    string
+	plainPEFT      bool
+}
+
+func loadOptionsOf(opts []LoadOption) loadOptions {
+	var o loadOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return o
 }
 
 // AllowOtherBase makes Load apply an adapter saved on a base model whose weights differ from the
 // model's (another checkpoint of the same architecture), instead of refusing it with ErrOtherBase.
 func AllowOtherBase() LoadOption { return func(o *loadOptions) { o.allowOtherBase = true } }
 
-// FindAdapterFor is FindAdapter with the sub-folder given as Load's AdapterName option, if any.
-func FindAdapterFor(dir string, opts ...LoadOption) (string, Format, error) {
-	var o loadOptions
-	for _, opt := range opts {
-		opt(&o)
-	}
-	return FindAdapter(dir, o.adapterName)
-}
+// AsPlainPEFT makes Load (and ReadAdapter) read a Hugging Face PEFT folder by its
+// adapter_config.json alone, as PEFT does, setting aside the record this SDK keeps in the tensors'
+// metadata (its exact configuration and the base fingerprint): for a folder whose configuration
+// was edited after saving.
+func AsPlainPEFT() LoadOption { return func(o *loadOptions) { o.plainPEFT = true } }
 
 // AdapterName makes Load read the adapter in the sub-folder name, where PEFT saves adapters
 // other than "default".
@@ -458,10 +467,7 @@ func (m *Model) Load(dir string, opts ...LoadOption) error {
 	if m.Merged() {
 		return fmt.Errorf("peft.Model.Load: %w", ErrMerged)
 	}
-	var o loadOptions
-	for _, opt := range opts {
-		opt(&o)
-	}
+	o := loadOptionsOf(opts)
 	folder, format, err := FindAdapter(dir, o.adapterName)
 	if err == nil {
 		if format == FormatPEFT {
@@ -503,7 +509,7 @@ func (m *Model) loadPEFT(dir string, f PEFTFormat, o loadOptions) error {
 	if err != nil {
 		return err
 	}
-	record, err := ourRecord(file.Metadata, fields)
+	record, err := ourRecord(file.Metadata, fields, o.plainPEFT)
 	if err != nil {
 		return err
 	}

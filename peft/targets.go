@@ -119,22 +119,77 @@ func SameTargets(layout *Layout, adapted func(path string) bool, theirs Targets,
 }
 
 // PEFTPatternKey is the rank_pattern / alpha_pattern key Save writes for the layer at path of
-// layout: the path without its first element, regex-escaped ("layers\.0\.self_attn\.q_proj"),
-// which matches that layer alone under both PEFT's rule since 0.14, (.*\.)?(key)$, and the
-// earlier one, .*\.key$; the whole path where the shorter key would match another layer too.
-func PEFTPatternKey(layout *Layout, path string) string {
-	_, rest, found := strings.Cut(path, ".")
-	if !found {
-		return regexp.QuoteMeta(path)
+// layout: a key that selects that layer alone under each of PEFT's matching rules, so that the
+// file means the same in every PEFT version and whatever the keys' order. PEFT up to 0.14 takes
+// the first key with re.match(rf".*\.{key}$", path), or a key equal to the path; since 0.15,
+// re.match(rf"(.*\.)?({key})$", path). The key is the regex-escaped path without its first
+// element ("layers\.0\.self_attn\.q_proj"), or a shorter escaped suffix after a dot, or the
+// path itself (which PEFT up to 0.14 finds by name); it is an error when none selects the layer
+// alone.
+func PEFTPatternKey(layout *Layout, path string) (string, error) {
+	var candidates []string
+	for rest := path; ; {
+		_, after, found := strings.Cut(rest, ".")
+		if !found {
+			break
+		}
+		candidates = append(candidates, regexp.QuoteMeta(after))
+		rest = after
 	}
-	key := regexp.QuoteMeta(rest)
-	re := regexp.MustCompile(`^(?:.*\.)?(?:` + key + `)$`)
-	for _, layer := range layout.Linears {
-		if layer.Path != path && re.MatchString(layer.Path) {
-			return regexp.QuoteMeta(path)
+	candidates = append(candidates, path)
+	for _, key := range candidates {
+		if selectsAlone(layout, key, path) {
+			return key, nil
 		}
 	}
-	return key
+	return "", fmt.Errorf("no rank_pattern key selects layer %s alone under PEFT's matching rules: the other layers' paths overlap it", path)
+}
+
+// selectsAlone reports whether a pattern key selects the layer at path and no other linear layer
+// of layout, under PEFT's rule up to 0.14 and since 0.15.
+func selectsAlone(layout *Layout, key, path string) bool {
+	before, err := regexp.Compile(`^.*\.(?:` + key + `)$`)
+	if err != nil {
+		return false
+	}
+	since := regexp.MustCompile(`^(?:.*\.)?(?:` + key + `)$`)
+	if !since.MatchString(path) || !(before.MatchString(path) || key == path) {
+		return false
+	}
+	for _, layer := range layout.Linears {
+		if layer.Path != path && (since.MatchString(layer.Path) || before.MatchString(layer.Path) || key == layer.Path) {
+			return false
+		}
+	}
+	return true
+}
+
+// SameModules returns an error if the modules to save that a saved configuration names (theirs,
+// read from source) select other variables of layout than the applied method's (ours).
+func SameModules(layout *Layout, ours []*context.Variable, theirs []string, source string) error {
+	var selected []*context.Variable
+	if len(theirs) > 0 {
+		var err error
+		if selected, err = ModulesToSave(layout, theirs); err != nil {
+			return fmt.Errorf("%s: %w", source, err)
+		}
+	}
+	want := map[*context.Variable]bool{}
+	for _, v := range ours {
+		want[v] = true
+	}
+	same := len(selected) == len(want)
+	for _, v := range selected {
+		same = same && want[v]
+	}
+	if !same {
+		var names []string
+		for _, v := range ours {
+			names = append(names, ScopeToPath(v.Scope()))
+		}
+		return fmt.Errorf("%s: modules_to_save %q select other modules than the model's method saves (%s)", source, theirs, strings.Join(names, ", "))
+	}
+	return nil
 }
 
 // MarshalJSON writes a pattern as a string and names as a list, like HF's target_modules.

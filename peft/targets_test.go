@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"log"
 	"os"
+	"regexp"
 	"testing"
 
 	"github.com/gomlx/gomlx/pkg/ml/context"
@@ -303,4 +304,44 @@ func TestModulesToSave(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, vars, 2) // the score head's weights and biases
 	require.Contains(t, logged.String(), `["classifier"] match no module of the model and are skipped`)
+}
+
+// The pattern key Save writes selects its layer alone under PEFT's rule up to 0.14
+// (re.match(rf".*\.{key}$"), else the exact name) and since 0.15 (re.match(rf"(.*\.)?({key})$")).
+func TestPEFTPatternKey(t *testing.T) {
+	layout := func(paths ...string) *peft.Layout {
+		l := &peft.Layout{}
+		for _, p := range paths {
+			l.Linears = append(l.Linears, &peft.LinearLayer{Path: p})
+		}
+		return l
+	}
+	llama := layout("model.layers.0.self_attn.q_proj", "model.layers.10.self_attn.q_proj", "model.layers.1.mlp.up_proj")
+	for _, tc := range []struct {
+		layout *peft.Layout
+		path   string
+		want   string // "" for an error
+	}{
+		{llama, "model.layers.0.self_attn.q_proj", `layers\.0\.self_attn\.q_proj`},
+		{llama, "model.layers.1.mlp.up_proj", `layers\.1\.mlp\.up_proj`},
+		{layout("enc.layers.0.q", "dec.layers.0.q"), "enc.layers.0.q", "enc.layers.0.q"}, // found by name up to 0.14
+		{layout("x.a.b", "a.b"), "x.a.b", "x.a.b"},
+		{layout("x.a.b", "a.b"), "a.b", ""},           // (.*\.)? lets any key for a.b match x.a.b too
+		{layout("proj", "layers.0.proj"), "proj", ""}, // likewise
+		{layout("proj", "layers.0.proj"), "layers.0.proj", `0\.proj`},
+	} {
+		key, err := peft.PEFTPatternKey(tc.layout, tc.path)
+		if tc.want == "" {
+			require.ErrorContains(t, err, "no rank_pattern key selects layer "+tc.path+" alone", tc.path)
+			continue
+		}
+		require.NoError(t, err, tc.path)
+		require.Equal(t, tc.want, key, tc.path)
+		for _, other := range tc.layout.Linears {
+			since := regexp.MustCompile(`^(?:.*\.)?(?:` + key + `)$`).MatchString(other.Path)
+			before := regexp.MustCompile(`^.*\.(?:`+key+`)$`).MatchString(other.Path) || key == other.Path
+			require.Equal(t, other.Path == tc.path, since, "%s under the rule since 0.15", other.Path)
+			require.Equal(t, other.Path == tc.path, before, "%s under the rule up to 0.14", other.Path)
+		}
+	}
 }

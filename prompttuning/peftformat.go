@@ -94,7 +94,7 @@ func ParsePEFTConfig(fields *peft.PEFTFields) (Config, error) {
 }
 
 // CheckPEFTConfig implements peft.PEFTFormat: the file must give the same number of virtual
-// tokens and the model's width as token_dim (the modules to save are checked by their tensors).
+// tokens, the model's width as token_dim and the same modules to save.
 func (p *PromptTuning) CheckPEFTConfig(fields *peft.PEFTFields) error {
 	c, err := ParsePEFTConfig(fields)
 	if err != nil {
@@ -109,6 +109,9 @@ func (p *PromptTuning) CheckPEFTConfig(fields *peft.PEFTFields) error {
 	}
 	if c.NumVirtualTokens != p.cfg.NumVirtualTokens {
 		return fmt.Errorf("prompt_tuning: %s: num_virtual_tokens %d, the model's method has %d", fields.Source(), c.NumVirtualTokens, p.cfg.NumVirtualTokens)
+	}
+	if err := peft.SameModules(p.layout, p.modules, c.ModulesToSave, fields.Source()); err != nil {
+		return fmt.Errorf("prompt_tuning: %w", err)
 	}
 	return nil
 }

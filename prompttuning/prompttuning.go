@@ -122,6 +122,7 @@ type PromptTuning struct {
 	prompt    *context.Variable   // [k, d]
 	modules   []*context.Variable // ModulesToSave's variables
 	numLayers int                 // the model's transformer blocks, for PEFT's num_layers
+	layout    *peft.Layout        // the model's, from Init
 }
 
 // New returns prompt tuning with cfg, or an error naming what is wrong with it.
@@ -163,7 +164,7 @@ func (p *PromptTuning) Init(ctx *context.Context, layout *peft.Layout) error {
 		return fmt.Errorf("prompt_tuning: %w", err)
 	}
 	p.prompt = peft.NewVariable(ctx.InAbsPath(Scope), VariableName, values, k, dim)
-	p.numLayers = layout.NumLayers
+	p.numLayers, p.layout = layout.NumLayers, layout
 	return nil
 }
 

@@ -13,7 +13,8 @@ them as PEFT v0.20 does:
 
   LORA      target_modules: a string is a full regex over the module path ("all-linear": every
             Linear but lm_head), a list matches a path or its ".name" suffix; rank_pattern and
-            alpha_pattern keys match by re.match(rf"(.*\\.)?({key})$") in the file's order;
+            alpha_pattern keys match by re.match(rf"(.*\\.)?({key})$") in the file's order (and
+            for our files, PEFT's rule up to 0.14 must give the same ranks and alphas);
             W += (lora_alpha / r, or / sqrt(r) with use_rslora) · lora_B.weight @ lora_A.weight.
   ADALORA   the rank pattern's kept rows are what the file holds;
             W += lora_alpha / (init_r + 1e-5) · lora_B @ (lora_A * lora_E).
@@ -54,6 +55,14 @@ def pattern_value(patterns, path, default):
     return default
 
 
+def pattern_values_before_0_15(config, path):
+    """(r, alpha) by PEFT's rule up to 0.14: the first key of rank_pattern then alpha_pattern with
+    re.match(rf".*\.{key}$"), else the path itself, looked up in both."""
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    key = next((k for k in list(rank_pattern) + list(alpha_pattern) if re.match(rf".*\.{k}$", path)), path)
+    return rank_pattern.get(key, config.get("r", 8)), alpha_pattern.get(key, config.get("lora_alpha", 8))
+
+
 def targeted(target_modules, path, is_head):
     if target_modules is None:
         target_modules = ["q_proj", "v_proj"]  # PEFT's default for Llama
@@ -64,9 +73,10 @@ def targeted(target_modules, path, is_head):
     return any(path == name or path.endswith("." + name) for name in target_modules)
 
 
-def apply_adapter(model, config, tensors):
-    """Applies the adapter to model in place; returns the number of virtual tokens (0 if none) and
-    the prompt embeddings."""
+def apply_adapter(model, config, tensors, check_old_rule=False):
+    """Applies the adapter to model in place and returns the prompt embeddings (None if none).
+    check_old_rule: also require that PEFT's pattern rule up to 0.14 gives every layer the same
+    rank and alpha (what our files promise)."""
     used = set()
 
     def take(key):
@@ -88,6 +98,9 @@ def apply_adapter(model, config, tensors):
                 if kind == "LORA":
                     r = pattern_value(config.get("rank_pattern"), path, config.get("r", 8))
                     alpha = pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))
+                    if check_old_rule and (r, alpha) != pattern_values_before_0_15(config, path):
+                        raise ValueError(f"{path}: r, alpha = {r}, {alpha} by PEFT's rule since 0.15 but "
+                                         f"{pattern_values_before_0_15(config, path)} by the rule up to 0.14")
                     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
                     a, b = take(key + ".lora_A.weight"), take(key + ".lora_B.weight")
                     if a.shape[0] != r or b.shape[1] != r:
@@ -218,7 +231,7 @@ def main():
         try:
             if meta.get("format") != "pt":
                 raise ValueError(f"metadata format {meta.get('format')!r}, PEFT writes 'pt'")
-            prompt = apply_adapter(model, config, tensors)
+            prompt = apply_adapter(model, config, tensors, check_old_rule=True)
             ids = torch.tensor([exp["prompt_ids"]])
             with torch.no_grad():
                 if prompt is None:

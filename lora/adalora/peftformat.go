@@ -90,8 +90,8 @@ func ParsePEFTConfig(fields *peft.PEFTFields) (Config, error) {
 }
 
 // CheckPEFTConfig implements peft.PEFTFormat: the file must adapt the same layers with the same
-// initial rank and alpha (the budget schedule and regularization only shape training; the modules
-// to save are checked by their tensors).
+// initial rank and alpha, and save the same modules (the budget schedule and regularization only
+// shape training).
 func (a *AdaLoRA) CheckPEFTConfig(fields *peft.PEFTFields) error {
 	c, err := ParsePEFTConfig(fields)
 	if err != nil {
@@ -104,6 +104,9 @@ func (a *AdaLoRA) CheckPEFTConfig(fields *peft.PEFTFields) error {
 		return fmt.Errorf("adalora: %s: lora_alpha %g, the model's method has %g", fields.Source(), c.Alpha, a.cfg.Alpha)
 	}
 	if err := peft.SameTargets(a.layout, func(path string) bool { return a.targets[path] != nil }, c.TargetModules, fields.Source()); err != nil {
+		return fmt.Errorf("adalora: %w", err)
+	}
+	if err := peft.SameModules(a.layout, a.modules, c.ModulesToSave, fields.Source()); err != nil {
 		return fmt.Errorf("adalora: %w", err)
 	}
 	return nil

@@ -60,7 +60,7 @@ func FuzzLoadPEFTFolder(f *testing.F) {
 		dir := t.TempDir()
 		require.NoError(t, os.WriteFile(filepath.Join(dir, peft.AdapterConfigFile), config, 0o644))
 		require.NoError(t, os.WriteFile(filepath.Join(dir, peft.AdapterWeightsFile), weights, 0o644))
-		if _, err := methods.FromFolder(dir, ""); err != nil {
+		if _, err := methods.FromFolder(dir); err != nil {
 			return
 		}
 		if err := m.Load(dir); err != nil {

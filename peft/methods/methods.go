@@ -77,13 +77,14 @@ func sortedKeys[V any](m map[string]V) []string {
 	return names
 }
 
-// FromFolder returns a new method built from the adapter saved in dir (see peft.FindAdapter; name
-// picks a sub-folder, "" for the folder itself or its only adapter). A folder this SDK wrote
-// rebuilds the exact method that saved it (QLoRA included, whose folder is a LoRA adapter to
-// PEFT); a folder PEFT wrote is built from adapter_config.json's peft_type and fields. Apply the
-// method to the same base model with peft.NewModel, then call Model.Load(dir) — or use Apply.
-func FromFolder(dir, name string) (peft.Method, error) {
-	saved, err := peft.ReadAdapter(dir, name)
+// FromFolder returns a new method built from the adapter saved in dir (see peft.FindAdapter;
+// peft.AdapterName picks a sub-folder, peft.AsPlainPEFT reads a PEFT folder by its
+// adapter_config.json alone). A folder this SDK wrote rebuilds the exact method that saved it
+// (QLoRA included, whose folder is a LoRA adapter to PEFT); a folder PEFT wrote is built from
+// adapter_config.json's peft_type and fields. Apply the method to the same base model with
+// peft.NewModel, then call Model.Load(dir) with the same options — or use Apply.
+func FromFolder(dir string, opts ...peft.LoadOption) (peft.Method, error) {
+	saved, err := peft.ReadAdapter(dir, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -105,19 +106,15 @@ func FromFolder(dir, name string) (peft.Method, error) {
 	return construct(saved.Fields)
 }
 
-// FromSaved is FromFolder(dir, "").
-func FromSaved(dir string) (peft.Method, error) { return FromFolder(dir, "") }
+// FromSaved is FromFolder without options.
+func FromSaved(dir string) (peft.Method, error) { return FromFolder(dir) }
 
 // Apply builds the method saved in dir (FromFolder), applies it to the model fn whose base
 // weights are in ctx (peft.NewModel, traced with inputs shaped like example) and loads the saved
-// state: one call from a folder to a model ready to run. opts are Model.Load's
-// (peft.AdapterName picks the sub-folder for both steps, peft.AllowOtherBase).
+// state: one call from a folder to a model ready to run. opts are Model.Load's, used for both
+// steps (peft.AdapterName, peft.AllowOtherBase, peft.AsPlainPEFT).
 func Apply(backend backends.Backend, ctx *context.Context, fn peft.ModelFn, dir string, example []shapes.Shape, opts ...peft.LoadOption) (*peft.Model, error) {
-	folder, _, err := peft.FindAdapterFor(dir, opts...)
-	if err != nil {
-		return nil, err
-	}
-	method, err := FromFolder(folder, "")
+	method, err := FromFolder(dir, opts...)
 	if err != nil {
 		return nil, err
 	}

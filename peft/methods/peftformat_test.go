@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/gomlx/gomlx/pkg/core/shapes"
@@ -557,4 +558,16 @@ func TestLoadLegacyLayout(t *testing.T) {
 func sha256Hex(data []byte) string {
 	sum := sha256.Sum256(data)
 	return hex.EncodeToString(sum[:])
+}
+
+// A named pipe where a file should be is refused before anything opens it (opening one blocks).
+func TestFolderWithAPipe(t *testing.T) {
+	for _, name := range []string{peft.AdapterConfigFile, peft.AdapterWeightsFile} {
+		dir := t.TempDir()
+		writeFolder(t, dir, map[string]any{"peft_type": "LORA", "r": 2, "target_modules": []string{"q_proj"}}, nil)
+		require.NoError(t, os.Remove(filepath.Join(dir, name)))
+		require.NoError(t, syscall.Mkfifo(filepath.Join(dir, name), 0o644))
+		_, err := methods.FromFolder(dir)
+		require.ErrorContains(t, err, "is not a regular file", name)
+	}
 }
