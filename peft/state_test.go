@@ -122,6 +122,8 @@ func TestLoadRejectsOtherStates(t *testing.T) {
 	require.ErrorContains(t, alpha.Load(dir), "scale 1 for model.layers.0.self_attn.q_proj (lora_alpha, alpha_pattern, use_rslora), the model's method has 2")
 	targets, _ := newLoRAModel(t, func(c *lora.Config) { c.TargetModules = peft.TargetNames("q_proj") })
 	require.ErrorContains(t, targets.Load(dir), `target_modules ["q_proj" "v_proj"] adapt model.layers.0.self_attn.v_proj, which the model's method leaves alone`)
+	noHead, _ := newLoRAModel(t, func(c *lora.Config) { c.ModulesToSave = nil })
+	require.ErrorContains(t, noHead.Load(dir), `modules_to_save ["score"] select other modules than the model's method saves (none)`)
 	// Patterns written otherwise that resolve to the same ranks are the same adapter.
 	patterned, _ := newLoRAModel(t, func(c *lora.Config) { c.RankPattern = peft.Patterns[int]{{Key: "v_proj", Value: 2}} })
 	patternDir := t.TempDir()

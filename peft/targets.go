@@ -170,7 +170,7 @@ func SameModules(layout *Layout, ours []*context.Variable, theirs []string, sour
 	var selected []*context.Variable
 	if len(theirs) > 0 {
 		var err error
-		if selected, err = ModulesToSave(layout, theirs); err != nil {
+		if selected, _, err = modulesToSave(layout, theirs); err != nil {
 			return fmt.Errorf("%s: %w", source, err)
 		}
 	}
@@ -183,11 +183,15 @@ func SameModules(layout *Layout, ours []*context.Variable, theirs []string, sour
 		same = same && want[v]
 	}
 	if !same {
-		var names []string
-		for _, v := range ours {
-			names = append(names, ScopeToPath(v.Scope()))
+		names := "none"
+		if len(ours) > 0 {
+			var paths []string
+			for _, v := range ours {
+				paths = append(paths, ScopeToPath(v.Scope())+"."+v.Name())
+			}
+			names = strings.Join(paths, ", ")
 		}
-		return fmt.Errorf("%s: modules_to_save %q select other modules than the model's method saves (%s)", source, theirs, strings.Join(names, ", "))
+		return fmt.Errorf("%s: modules_to_save %q select other modules than the model's method saves (%s)", source, theirs, names)
 	}
 	return nil
 }
@@ -222,8 +226,15 @@ func (t *Targets) UnmarshalJSON(data []byte) error {
 // "classifier" and "score"), with one log line, and it is an error only when none matches. Each
 // variable is returned once, even when several names match it.
 func ModulesToSave(layout *Layout, names []string) ([]*context.Variable, error) {
-	var selected []*context.Variable
-	var unmatched []string
+	selected, unmatched, err := modulesToSave(layout, names)
+	if err == nil && len(unmatched) > 0 {
+		log.Printf("peft: modules_to_save: %q match no module of the model and are skipped", unmatched)
+	}
+	return selected, err
+}
+
+// modulesToSave is ModulesToSave, returning the names that matched nothing instead of logging them.
+func modulesToSave(layout *Layout, names []string) (selected []*context.Variable, unmatched []string, err error) {
 	seen := map[*context.Variable]bool{}
 	for _, name := range names {
 		found := false
@@ -242,13 +253,11 @@ func ModulesToSave(layout *Layout, names []string) ([]*context.Variable, error) 
 	}
 	switch {
 	case len(names) == 1 && len(selected) == 0:
-		return nil, fmt.Errorf("modules_to_save: %q matches no module of the model", names[0])
+		return nil, nil, fmt.Errorf("modules_to_save: %q matches no module of the model", names[0])
 	case len(names) > 0 && len(selected) == 0:
-		return nil, fmt.Errorf("modules_to_save: none of %q matches a module of the model", names)
-	case len(unmatched) > 0:
-		log.Printf("peft: modules_to_save: %q match no module of the model and are skipped", unmatched)
+		return nil, nil, fmt.Errorf("modules_to_save: none of %q matches a module of the model", names)
 	}
-	return selected, nil
+	return selected, unmatched, nil
 }
 
 // moduleMatches reports whether a variable at the dotted scope path belongs to a module named

@@ -195,7 +195,8 @@ func TestLoadHandLaidLoRA(t *testing.T) {
 		},
 		{
 			name: "all-linear with a new head, in a sub-folder", dtype: safetensors.F32,
-			config:  map[string]any{"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "modules_to_save": []string{"score"}},
+			// PEFT's sequence classifiers save both names; only "score" exists in a Llama.
+			config:  map[string]any{"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "modules_to_save": []string{"classifier", "score"}},
 			targets: []string{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
 			rank:    func(string) int { return 2 }, scale: func(string) float64 { return 2 },
 			head: true, sub: "my-task",
