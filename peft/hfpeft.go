@@ -224,9 +224,6 @@ func newPEFTTensorFile(file *safetensors.File, source string) *PEFTTensorFile {
 	return t
 }
 
-// Source is the file's path.
-func (t *PEFTTensorFile) Source() string { return t.source }
-
 // Take returns the tensor key as float32 values (F32, F16 and BF16 are read), checking that its
 // shape is dims. Missing tensors and other shapes are errors naming the tensor and the file.
 func (t *PEFTTensorFile) Take(key string, dims ...int) ([]float32, error) {
@@ -349,21 +346,11 @@ func encodePEFTConfig(fields map[string]any) ([]byte, error) {
 
 // readBounded reads a regular file of at most limit bytes, refusing anything else before reading.
 func readBounded(path string, limit int64) ([]byte, error) {
-	if err := checkRegular(path); err != nil {
+	f, info, err := openRegular(path)
+	if err != nil {
 		return nil, err
 	}
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("peft: %w", err)
-	}
 	defer f.Close()
-	info, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("peft: %w", err)
-	}
-	if !info.Mode().IsRegular() {
-		return nil, fmt.Errorf("peft: %s is not a regular file", path)
-	}
 	if info.Size() > limit {
 		return nil, fmt.Errorf("peft: %s is %d bytes, above the %d-byte limit for a configuration file", path, info.Size(), limit)
 	}
@@ -380,21 +367,11 @@ func readBounded(path string, limit int64) ([]byte, error) {
 // readMetadata reads the __metadata__ of a safetensors file from its header alone, checking the
 // header's length against the file before reading it.
 func readMetadata(path string) (map[string]string, error) {
-	if err := checkRegular(path); err != nil {
+	f, info, err := openRegular(path)
+	if err != nil {
 		return nil, err
 	}
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("peft: %w", err)
-	}
 	defer f.Close()
-	info, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("peft: %w", err)
-	}
-	if !info.Mode().IsRegular() {
-		return nil, fmt.Errorf("peft: %s is not a regular file", path)
-	}
 	var prefix [8]byte
 	if _, err := io.ReadFull(f, prefix[:]); err != nil {
 		return nil, fmt.Errorf("peft: %s: %w", path, err)
@@ -436,6 +413,27 @@ func checkRegular(path string) error {
 		return fmt.Errorf("peft: %s is not a regular file", path)
 	}
 	return nil
+}
+
+// openRegular opens path for reading if it is a regular file, checked before opening and again on
+// what was opened.
+func openRegular(path string) (*os.File, os.FileInfo, error) {
+	if err := checkRegular(path); err != nil {
+		return nil, nil, err
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("peft: %w", err)
+	}
+	info, err := f.Stat()
+	if err == nil && !info.Mode().IsRegular() {
+		err = fmt.Errorf("%s is not a regular file", path)
+	}
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("peft: %w", err)
+	}
+	return f, info, nil
 }
 
 func truncateText(s string, n int) string {
