@@ -3,6 +3,7 @@ package methods_test
 import (
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -155,22 +156,29 @@ func TestMethodValueAppliedOnce(t *testing.T) {
 	_, err = peft.NewModel(b, ctx, llama.Classifier(pefttest.Config(), 2), p, shapes.Make(dtypes.Int32, 1, 8))
 	require.NoError(t, err)
 
-	// Two NewModel calls racing for one method value: exactly one gets it.
+	// Two NewModel calls racing for one method value: exactly one gets it. (The winner is kept
+	// alive: a method whose model is gone may be applied again.)
 	shared := newLoRA(t)
-	errs := make(chan error, 2)
+	type result struct {
+		m   *peft.Model
+		err error
+	}
+	results := make(chan result, 2)
 	for range 2 {
 		go func() {
 			ctx := context.New()
 			if err := llama.Init(ctx, pefttest.Config(), 2, 1); err != nil {
-				errs <- err
+				results <- result{err: err}
 				return
 			}
-			_, err := peft.NewModel(b, ctx, llama.Classifier(pefttest.Config(), 2), shared, shapes.Make(dtypes.Int32, 2, 4))
-			errs <- err
+			m, err := peft.NewModel(b, ctx, llama.Classifier(pefttest.Config(), 2), shared, shapes.Make(dtypes.Int32, 2, 4))
+			results <- result{m, err}
 		}()
 	}
-	errA, errB := <-errs, <-errs
-	require.True(t, (errA == nil) != (errB == nil), "one NewModel must win: %v, %v", errA, errB)
+	ra, rb := <-results, <-results
+	require.True(t, (ra.err == nil) != (rb.err == nil), "one NewModel must win: %v, %v", ra.err, rb.err)
+	runtime.KeepAlive(ra.m)
+	runtime.KeepAlive(rb.m)
 }
 
 func plainLoRA() peft.Method {
