@@ -204,19 +204,10 @@ func (l *QLoRA) quantFor(v *context.Variable) *quantLayer {
 // hfConfigJSON is config.json for cfg with the quantization recorded as transformers'
 // BitsAndBytesConfig writes it.
 func hfConfigJSON(cfg llama.Config, qc Config, skip []string) ([]byte, error) {
-	base, err := json.Marshal(cfg)
+	fields, err := llama.HFConfig(cfg)
 	if err != nil {
 		return nil, err
 	}
-	fields := map[string]any{}
-	if err := json.Unmarshal(base, &fields); err != nil {
-		return nil, err
-	}
-	fields["architectures"] = []string{"LlamaForCausalLM"}
-	fields["model_type"] = "llama"
-	fields["hidden_act"] = "silu"
-	fields["head_dim"] = cfg.HeadDim()
-	fields["torch_dtype"] = "float32"
 	fields["quantization_config"] = map[string]any{
 		"quant_method":              "bitsandbytes",
 		"load_in_4bit":              true,

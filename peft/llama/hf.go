@@ -23,18 +23,30 @@ import (
 // hfConfig is the part of a Hugging Face config.json we read beyond Config's own fields.
 type hfConfig struct {
 	Config
-	Architectures []string         `json:"architectures"`
-	ModelType     string           `json:"model_type"`
-	HiddenAct     string           `json:"hidden_act"`
-	HeadDim       int              `json:"head_dim"`
-	RopeScaling   *json.RawMessage `json:"rope_scaling"`
-	AttentionBias bool             `json:"attention_bias"`
-	MLPBias       bool             `json:"mlp_bias"`
+	Architectures []string `json:"architectures"`
+	HiddenAct     string   `json:"hidden_act"`
+	// RopeScaling shadows Config's field, to be read with parseRopeScaling.
+	RopeScaling json.RawMessage `json:"rope_scaling"`
+	// UseSlidingWindow and MaxWindowLayers are Qwen2's and Qwen3's; SlidingWindow shadows
+	// Config's, which holds it only where the family uses it (Mistral).
+	UseSlidingWindow bool `json:"use_sliding_window"`
+	SlidingWindow    *int `json:"sliding_window"`
 }
 
-// ParseConfig reads a Hugging Face config.json of the Llama family. Architectures this model
-// cannot run (another model type, rope scaling, biases, an activation other than SiLU, a head
-// size other than hidden/heads) are errors that name the field.
+// architectures lists the transformers classes of each family that this decoder runs.
+var architectures = map[string][]string{
+	FamilyLlama:   {"LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel"},
+	FamilyMistral: {"MistralForCausalLM", "MistralForSequenceClassification", "MistralModel"},
+	FamilyQwen2:   {"Qwen2ForCausalLM", "Qwen2ForSequenceClassification", "Qwen2Model"},
+	FamilyQwen3:   {"Qwen3ForCausalLM", "Qwen3ForSequenceClassification", "Qwen3Model"},
+}
+
+// ParseConfig reads a Hugging Face config.json of the Llama family or a relative (model_type
+// llama, mistral, qwen2, qwen3), in transformers' semantics: head_dim, attention_bias and
+// mlp_bias (Llama), Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's sliding_window,
+// rope_scaling of rope_type linear or llama3, eos_token_id as one id or a list. Anything else that
+// would change the math (another model_type or rope_type, an activation other than SiLU, Qwen's
+// use_sliding_window, biases a family does not have) is an error that names the field.
 func ParseConfig(data []byte) (Config, error) {
 	var hf hfConfig
 	hf.NumKVHeads = -1
@@ -42,33 +54,51 @@ func ParseConfig(data []byte) (Config, error) {
 	if err := json.Unmarshal(data, &hf); err != nil {
 		return Config{}, fmt.Errorf("llama: config.json: %w", err)
 	}
-	if hf.ModelType != "" && hf.ModelType != "llama" {
-		return Config{}, fmt.Errorf("llama: config.json: unsupported model_type %q (want \"llama\")", hf.ModelType)
+	if hf.ModelType == "" {
+		hf.ModelType = FamilyLlama
+	}
+	known, ok := architectures[hf.ModelType]
+	if !ok {
+		return Config{}, fmt.Errorf("llama: config.json: unsupported model_type %q (supported: llama, mistral, qwen2, qwen3)", hf.ModelType)
 	}
 	for _, arch := range hf.Architectures {
-		if arch != "LlamaForCausalLM" && arch != "LlamaForSequenceClassification" && arch != "LlamaModel" {
-			return Config{}, fmt.Errorf("llama: config.json: unsupported architecture %q", arch)
+		if !slices.Contains(known, arch) {
+			return Config{}, fmt.Errorf("llama: config.json: unsupported architecture %q for model_type %q", arch, hf.ModelType)
 		}
 	}
 	if hf.HiddenAct != "" && hf.HiddenAct != "silu" {
 		return Config{}, fmt.Errorf("llama: config.json: unsupported hidden_act %q (want \"silu\")", hf.HiddenAct)
 	}
-	if hf.RopeScaling != nil && string(*hf.RopeScaling) != "null" {
-		return Config{}, fmt.Errorf("llama: config.json: rope_scaling %s is not supported", *hf.RopeScaling)
-	}
-	if hf.AttentionBias || hf.MLPBias {
-		return Config{}, fmt.Errorf("llama: config.json: attention_bias and mlp_bias are not supported")
+	scaling, err := parseRopeScaling(hf.RopeScaling)
+	if err != nil {
+		return Config{}, err
 	}
 	cfg := hf.Config
+	cfg.RopeScaling = scaling
+	switch cfg.ModelType {
+	case FamilyMistral:
+		if hf.SlidingWindow != nil {
+			cfg.SlidingWindow = *hf.SlidingWindow
+		}
+		if cfg.AttentionBias || cfg.MLPBias {
+			return Config{}, fmt.Errorf("llama: config.json: attention_bias and mlp_bias are not part of model_type mistral")
+		}
+	case FamilyQwen2, FamilyQwen3:
+		if hf.UseSlidingWindow {
+			return Config{}, fmt.Errorf("llama: config.json: use_sliding_window is not supported for model_type %s", cfg.ModelType)
+		}
+		if cfg.MLPBias || (cfg.ModelType == FamilyQwen2 && cfg.AttentionBias) {
+			return Config{}, fmt.Errorf("llama: config.json: attention_bias and mlp_bias are not part of model_type %s (Qwen2 has its q, k, v biases by itself)", cfg.ModelType)
+		}
+	}
 	if cfg.NumKVHeads == -1 {
 		cfg.NumKVHeads = cfg.NumHeads // Hugging Face's default: no grouping
 	}
+	if cfg.HeadDimension == cfg.HiddenSize/max(cfg.NumHeads, 1) && cfg.HiddenSize%max(cfg.NumHeads, 1) == 0 {
+		cfg.HeadDimension = 0 // the default, said explicitly
+	}
 	if err := cfg.Validate(); err != nil {
 		return Config{}, err
-	}
-	if hf.HeadDim != 0 && hf.HeadDim != cfg.HeadDim() {
-		return Config{}, fmt.Errorf("llama: config.json: head_dim %d differs from hidden_size/num_attention_heads = %d",
-			hf.HeadDim, cfg.HeadDim())
 	}
 	return cfg, nil
 }
@@ -82,34 +112,51 @@ type hfTensor struct {
 	transpose bool   // [out, in] there, [in, out] here
 }
 
-// hfTensors lists the tensors of a Llama checkpoint with cfg, in a stable order.
+// hfTensors lists the tensors of a checkpoint with cfg (its family's biases and norms included),
+// in a stable order.
 func hfTensors(cfg Config) []hfTensor {
 	d, hd := cfg.HiddenSize, cfg.HeadDim()
+	fam := cfg.Family()
 	var out []hfTensor
 	add := func(name string, transpose bool, dims ...int) {
-		base := strings.TrimSuffix(name, ".weight")
+		base, variable := strings.TrimSuffix(name, ".weight"), "weight"
+		bias := strings.HasSuffix(name, ".bias")
+		if bias {
+			base = strings.TrimSuffix(name, ".bias")
+		}
 		scope := "/" + strings.ReplaceAll(base, ".", "/")
-		variable := "weight"
 		switch {
 		case base == "model.embed_tokens":
 			variable = "embeddings"
+		case bias:
+			scope, variable = scope+"/dense", "biases"
 		case transpose:
 			scope, variable = scope+"/dense", "weights"
 		}
 		out = append(out, hfTensor{name: name, scope: scope, variable: variable, dims: dims, transpose: transpose})
 	}
+	linear := func(name string, outDim, inDim int, bias bool) {
+		add(name+".weight", true, outDim, inDim)
+		if bias {
+			add(name+".bias", false, outDim)
+		}
+	}
 	add("model.embed_tokens.weight", false, cfg.VocabSize, d)
 	for i := range cfg.NumLayers {
 		p := "model.layers." + strconv.Itoa(i) + "."
 		add(p+"input_layernorm.weight", false, d)
-		add(p+"self_attn.q_proj.weight", true, cfg.NumHeads*hd, d)
-		add(p+"self_attn.k_proj.weight", true, cfg.NumKVHeads*hd, d)
-		add(p+"self_attn.v_proj.weight", true, cfg.NumKVHeads*hd, d)
-		add(p+"self_attn.o_proj.weight", true, d, cfg.NumHeads*hd)
+		linear(p+"self_attn.q_proj", cfg.NumHeads*hd, d, fam.QKVBias)
+		linear(p+"self_attn.k_proj", cfg.NumKVHeads*hd, d, fam.QKVBias)
+		linear(p+"self_attn.v_proj", cfg.NumKVHeads*hd, d, fam.QKVBias)
+		linear(p+"self_attn.o_proj", d, cfg.NumHeads*hd, fam.OBias)
+		if fam.QKNorm {
+			add(p+"self_attn.q_norm.weight", false, hd)
+			add(p+"self_attn.k_norm.weight", false, hd)
+		}
 		add(p+"post_attention_layernorm.weight", false, d)
-		add(p+"mlp.gate_proj.weight", true, cfg.IntermediateSize, d)
-		add(p+"mlp.up_proj.weight", true, cfg.IntermediateSize, d)
-		add(p+"mlp.down_proj.weight", true, d, cfg.IntermediateSize)
+		linear(p+"mlp.gate_proj", cfg.IntermediateSize, d, fam.MLPBias)
+		linear(p+"mlp.up_proj", cfg.IntermediateSize, d, fam.MLPBias)
+		linear(p+"mlp.down_proj", d, cfg.IntermediateSize, fam.MLPBias)
 	}
 	add("model.norm.weight", false, d)
 	if !cfg.TieEmbeddings {
@@ -246,7 +293,7 @@ func readWeights(fsys fs.FS) (map[string]*safetensors.Tensor, error) {
 	return found, nil
 }
 
-// SaveHF writes the Llama model in ctx as a standard Hugging Face folder that this package and
+// SaveHF writes the model in ctx as a standard Hugging Face folder of its family that this package and
 // Hugging Face transformers load: config.json and model.safetensors (Hugging Face names, [out,
 // in] layout, F32). Files named in copyFiles (such as tokenizer.json) are copied from from
 // (such as the base model's folder, os.DirFS(dir)), when it is not nil. Each file is written
@@ -303,13 +350,49 @@ func SaveHF(dir string, cfg Config, ctx *context.Context, from fs.FS, copyFiles 
 	return atomicfile.Write(filepath.Join(dir, "config.json"), data)
 }
 
-// hfConfigJSON is the config.json of a Llama model with cfg, as SaveHF writes it.
+// HFConfig returns the fields of the config.json of a model with cfg, as SaveHF writes it: the
+// family's model_type and architecture, head_dim, the family's own fields, torch_dtype float32.
+func HFConfig(cfg Config) (map[string]any, error) {
+	if cfg.ModelType == "" {
+		cfg.ModelType = FamilyLlama
+	}
+	data, err := json.Marshal(cfg)
+	if err != nil {
+		return nil, err
+	}
+	fields := map[string]any{}
+	if err := json.Unmarshal(data, &fields); err != nil {
+		return nil, err
+	}
+	fields["architectures"] = []string{cfg.Family().Architecture}
+	fields["hidden_act"] = "silu"
+	fields["head_dim"] = cfg.HeadDim()
+	fields["rope_scaling"] = cfg.RopeScaling
+	fields["torch_dtype"] = "float32"
+	switch cfg.ModelType {
+	case FamilyLlama:
+		fields["attention_bias"], fields["mlp_bias"] = cfg.AttentionBias, cfg.MLPBias
+	case FamilyQwen3:
+		fields["attention_bias"] = cfg.AttentionBias
+		fields["use_sliding_window"] = false
+	case FamilyQwen2:
+		fields["use_sliding_window"] = false
+	case FamilyMistral:
+		fields["sliding_window"] = nil
+		if cfg.SlidingWindow > 0 {
+			fields["sliding_window"] = cfg.SlidingWindow
+		}
+	}
+	return fields, nil
+}
+
+// hfConfigJSON is the config.json of a model with cfg, as SaveHF writes it.
 func hfConfigJSON(cfg Config) ([]byte, error) {
-	hf := hfConfig{Config: cfg, Architectures: []string{"LlamaForCausalLM"}, ModelType: "llama", HiddenAct: "silu", HeadDim: cfg.HeadDim()}
-	data, err := json.MarshalIndent(struct {
-		hfConfig
-		TorchDType string `json:"torch_dtype"`
-	}{hf, "float32"}, "", "  ")
+	fields, err := HFConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	data, err := json.MarshalIndent(fields, "", "  ")
 	if err != nil {
 		return nil, err
 	}

@@ -63,11 +63,31 @@ func TestLoadPretrainedErrors(t *testing.T) {
 		{"architecture", func(c map[string]any, ts []safetensors.Tensor) (map[string]any, []safetensors.Tensor) {
 			c["architectures"] = []string{"MistralForCausalLM"}
 			return c, ts
-		}, []string{`unsupported architecture "MistralForCausalLM"`}},
-		{"rope scaling", func(c map[string]any, ts []safetensors.Tensor) (map[string]any, []safetensors.Tensor) {
-			c["rope_scaling"] = map[string]any{"type": "linear", "factor": 2}
+		}, []string{`unsupported architecture "MistralForCausalLM" for model_type "llama"`}},
+		{"rope type", func(c map[string]any, ts []safetensors.Tensor) (map[string]any, []safetensors.Tensor) {
+			c["rope_scaling"] = map[string]any{"rope_type": "yarn", "factor": 2}
 			return c, ts
-		}, []string{"rope_scaling"}},
+		}, []string{`rope_scaling.rope_type "yarn" is not supported`}},
+		{"llama3 rope without its fields", func(c map[string]any, ts []safetensors.Tensor) (map[string]any, []safetensors.Tensor) {
+			c["rope_scaling"] = map[string]any{"rope_type": "llama3", "factor": 8}
+			return c, ts
+		}, []string{"rope_scaling of rope_type llama3 needs"}},
+		{"qwen sliding window", func(c map[string]any, ts []safetensors.Tensor) (map[string]any, []safetensors.Tensor) {
+			c["model_type"], c["architectures"], c["use_sliding_window"] = "qwen2", []string{"Qwen2ForCausalLM"}, true
+			return c, ts
+		}, []string{"use_sliding_window is not supported for model_type qwen2"}},
+		{"mistral with biases", func(c map[string]any, ts []safetensors.Tensor) (map[string]any, []safetensors.Tensor) {
+			c["model_type"], c["architectures"], c["attention_bias"] = "mistral", []string{"MistralForCausalLM"}, true
+			return c, ts
+		}, []string{"not part of model_type mistral"}},
+		{"qwen2 without its biases", func(c map[string]any, ts []safetensors.Tensor) (map[string]any, []safetensors.Tensor) {
+			c["model_type"], c["architectures"] = "qwen2", []string{"Qwen2ForCausalLM"}
+			return c, ts
+		}, []string{"model.layers.0.self_attn.q_proj.bias is missing"}},
+		{"eos list of strings", func(c map[string]any, ts []safetensors.Tensor) (map[string]any, []safetensors.Tensor) {
+			c["eos_token_id"] = []string{"</s>"}
+			return c, ts
+		}, []string{"a token id or a list of token ids"}},
 		{"sizes disagree", func(c map[string]any, ts []safetensors.Tensor) (map[string]any, []safetensors.Tensor) {
 			c["intermediate_size"] = 128
 			return c, ts

@@ -24,8 +24,13 @@ import (
 	"peft/peft"
 )
 
-// Config holds the sizes of a Llama model, with Hugging Face config.json's meaning.
+// Config holds the sizes of a model of the Llama family and its relatives (Mistral, Qwen2,
+// Qwen3), with Hugging Face config.json's meaning. ModelType selects the family's small
+// differences (Family).
 type Config struct {
+	// ModelType is config.json's model_type: FamilyLlama ("" counts as it), FamilyMistral,
+	// FamilyQwen2 or FamilyQwen3.
+	ModelType        string  `json:"model_type,omitempty"`
 	VocabSize        int     `json:"vocab_size"`
 	HiddenSize       int     `json:"hidden_size"`
 	IntermediateSize int     `json:"intermediate_size"`
@@ -36,10 +41,21 @@ type Config struct {
 	RMSNormEps       float64 `json:"rms_norm_eps"`
 	RopeTheta        float64 `json:"rope_theta"`
 	TieEmbeddings    bool    `json:"tie_word_embeddings"`
-	// BOSTokenID and EOSTokenID are the ids that begin and end a sequence (generation stops at
-	// EOS). They do not change the model.
-	BOSTokenID int `json:"bos_token_id"`
-	EOSTokenID int `json:"eos_token_id"`
+	// HeadDimension is config.json's head_dim, the width of one attention head, where it is not
+	// hidden_size/num_attention_heads (Qwen3); 0 means hidden_size/num_attention_heads.
+	HeadDimension int `json:"head_dim,omitempty"`
+	// AttentionBias puts biases on the attention projections (Llama: q, k, v, o; Qwen3 too),
+	// MLPBias on the feed-forward ones (Llama). Qwen2's q, k, v biases come with its family.
+	AttentionBias bool `json:"attention_bias,omitempty"`
+	MLPBias       bool `json:"mlp_bias,omitempty"`
+	// RopeScaling is config.json's rope_scaling (nil: plain RoPE).
+	RopeScaling *RopeScaling `json:"rope_scaling,omitempty"`
+	// SlidingWindow is Mistral's sliding_window (0: full causal attention).
+	SlidingWindow int `json:"sliding_window,omitempty"`
+	// BOSTokenID and EOSTokenIDs are the ids that begin and end a sequence (generation stops at
+	// any EOS). They do not change the model.
+	BOSTokenID  int      `json:"bos_token_id"`
+	EOSTokenIDs TokenIDs `json:"eos_token_id"`
 }
 
 // Tiny is a small configuration for tests and examples: 2 layers, hidden 32, vocabulary 64.
@@ -49,7 +65,12 @@ func Tiny() Config {
 }
 
 // HeadDim is the width of one attention head.
-func (c Config) HeadDim() int { return c.HiddenSize / c.NumHeads }
+func (c Config) HeadDim() int {
+	if c.HeadDimension > 0 {
+		return c.HeadDimension
+	}
+	return c.HiddenSize / c.NumHeads
+}
 
 // Validate checks that the sizes fit together.
 func (c Config) Validate() error {
@@ -63,7 +84,15 @@ func (c Config) Validate() error {
 			return fmt.Errorf("llama config: %s must be > 0, got %d", f.name, f.value)
 		}
 	}
-	if c.HiddenSize%c.NumHeads != 0 {
+	switch c.ModelType {
+	case "", FamilyLlama, FamilyMistral, FamilyQwen2, FamilyQwen3:
+	default:
+		return fmt.Errorf("llama config: unsupported model_type %q (supported: llama, mistral, qwen2, qwen3)", c.ModelType)
+	}
+	if c.HeadDimension < 0 || c.SlidingWindow < 0 {
+		return fmt.Errorf("llama config: head_dim (%d) and sliding_window (%d) must be ≥ 0", c.HeadDimension, c.SlidingWindow)
+	}
+	if c.HeadDimension == 0 && c.HiddenSize%c.NumHeads != 0 {
 		return fmt.Errorf("llama config: hidden_size %d is not divisible by num_attention_heads %d", c.HiddenSize, c.NumHeads)
 	}
 	if c.NumHeads%c.NumKVHeads != 0 {
@@ -98,34 +127,45 @@ func Init(ctx *context.Context, cfg Config, numLabels int, seed uint64) error {
 		}
 		peft.NewVariable(scope, name, peft.Normal(rng, shapes.Make(dtypes.Float32, dims...).Size(), 0.02), dims...)
 	}
-	ones := func(scope *context.Context) {
+	ones := func(scope *context.Context, n int) {
 		if scope.GetVariableByScopeAndName(scope.Scope(), "weight") != nil {
 			return
 		}
-		values := make([]float32, cfg.HiddenSize)
+		values := make([]float32, n)
 		for i := range values {
 			values[i] = 1
 		}
-		peft.NewVariable(scope, "weight", values, cfg.HiddenSize)
+		peft.NewVariable(scope, "weight", values, n)
 	}
 	d, hd := cfg.HiddenSize, cfg.HeadDim()
+	fam := cfg.Family()
+	linear := func(scope *context.Context, in, out int, bias bool) {
+		normal(scope.In("dense"), "weights", in, out)
+		if bias && scope.In("dense").GetVariableByScopeAndName(scope.In("dense").Scope(), "biases") == nil {
+			peft.NewVariable(scope.In("dense"), "biases", make([]float32, out), out) // zero, as Hugging Face
+		}
+	}
 	model := ctx.In("model")
 	normal(model.In("embed_tokens"), "embeddings", cfg.VocabSize, d)
 	for i := range cfg.NumLayers {
 		layer := model.In("layers").In(strconv.Itoa(i))
-		ones(layer.In("input_layernorm"))
+		ones(layer.In("input_layernorm"), d)
 		attn := layer.In("self_attn")
-		normal(attn.In("q_proj").In("dense"), "weights", d, cfg.NumHeads*hd)
-		normal(attn.In("k_proj").In("dense"), "weights", d, cfg.NumKVHeads*hd)
-		normal(attn.In("v_proj").In("dense"), "weights", d, cfg.NumKVHeads*hd)
-		normal(attn.In("o_proj").In("dense"), "weights", cfg.NumHeads*hd, d)
-		ones(layer.In("post_attention_layernorm"))
+		linear(attn.In("q_proj"), d, cfg.NumHeads*hd, fam.QKVBias)
+		linear(attn.In("k_proj"), d, cfg.NumKVHeads*hd, fam.QKVBias)
+		linear(attn.In("v_proj"), d, cfg.NumKVHeads*hd, fam.QKVBias)
+		linear(attn.In("o_proj"), cfg.NumHeads*hd, d, fam.OBias)
+		if fam.QKNorm {
+			ones(attn.In("q_norm"), hd)
+			ones(attn.In("k_norm"), hd)
+		}
+		ones(layer.In("post_attention_layernorm"), d)
 		mlp := layer.In("mlp")
-		normal(mlp.In("gate_proj").In("dense"), "weights", d, cfg.IntermediateSize)
-		normal(mlp.In("up_proj").In("dense"), "weights", d, cfg.IntermediateSize)
-		normal(mlp.In("down_proj").In("dense"), "weights", cfg.IntermediateSize, d)
+		linear(mlp.In("gate_proj"), d, cfg.IntermediateSize, fam.MLPBias)
+		linear(mlp.In("up_proj"), d, cfg.IntermediateSize, fam.MLPBias)
+		linear(mlp.In("down_proj"), cfg.IntermediateSize, d, fam.MLPBias)
 	}
-	ones(model.In("norm"))
+	ones(model.In("norm"), d)
 	switch {
 	case numLabels > 0:
 		normal(ctx.In("score").In("dense"), "weights", d, numLabels)
@@ -208,7 +248,7 @@ func Decoder(ctx *context.Context, cfg Config, inputs []*graph.Node) (hidden, ma
 	})
 	h := in.Embeddings
 	cos, sin := rotary(cfg, in.Positions)
-	attnMask := attentionMask(in.Mask)
+	attnMask := attentionMask(in.Mask, cfg.Family().SlidingWindow)
 	for i := range cfg.NumLayers {
 		layer := model.In("layers").In(strconv.Itoa(i))
 		x := rmsNorm(layer.In("input_layernorm"), h, cfg.RMSNormEps)
@@ -241,9 +281,8 @@ func rotary(cfg Config, positions *graph.Node) (cos, sin *graph.Node) {
 	g := positions.Graph()
 	hd := cfg.HeadDim()
 	freqs := make([]float32, hd)
-	for i := range hd / 2 {
-		f := float32(1 / math.Pow(cfg.RopeTheta, float64(2*i)/float64(hd)))
-		freqs[i], freqs[i+hd/2] = f, f
+	for i, f := range cfg.inverseFrequencies(hd) {
+		freqs[i], freqs[i+hd/2] = float32(f), float32(f)
 	}
 	pos := graph.Reshape(graph.ConvertDType(positions, dtypes.Float32), positions.Shape().Dim(0), positions.Shape().Dim(1), 1, 1) // [b, s, 1, 1]
 	angles := graph.Mul(pos, graph.Reshape(graph.Const(g, freqs), 1, 1, 1, hd))
@@ -268,13 +307,19 @@ func applyRotary(x, cos, sin *graph.Node) *graph.Node {
 	return graph.Add(graph.Mul(x, cos), graph.Mul(rotated, sin))
 }
 
-// attentionMask combines the causal mask with the key padding mask: [batch, 1, 1, seq, seq].
-func attentionMask(mask *graph.Node) *graph.Node {
+// attentionMask combines the causal mask (within the sliding window when window > 0: query i sees
+// keys j with i − window < j ≤ i, as transformers masks it) with the key padding mask:
+// [batch, 1, 1, seq, seq].
+func attentionMask(mask *graph.Node, window int) *graph.Node {
 	g := mask.Graph()
 	batch, seq := mask.Shape().Dim(0), mask.Shape().Dim(1)
 	rows := graph.Iota(g, shapes.Make(dtypes.Int32, seq, seq), 0)
 	cols := graph.Iota(g, shapes.Make(dtypes.Int32, seq, seq), 1)
-	causal := graph.BroadcastToDims(graph.Reshape(graph.GreaterOrEqual(rows, cols), 1, 1, 1, seq, seq), batch, 1, 1, seq, seq)
+	allowed := graph.GreaterOrEqual(rows, cols)
+	if window > 0 {
+		allowed = graph.LogicalAnd(allowed, graph.GreaterThan(cols, graph.AddScalar(rows, float64(-window))))
+	}
+	causal := graph.BroadcastToDims(graph.Reshape(allowed, 1, 1, 1, seq, seq), batch, 1, 1, seq, seq)
 	keys := graph.BroadcastToDims(graph.Reshape(mask, batch, 1, 1, 1, seq), batch, 1, 1, seq, seq)
 	return graph.LogicalAnd(causal, keys)
 }
@@ -283,9 +328,14 @@ func attention(ctx *context.Context, cfg Config, x, cos, sin, mask *graph.Node) 
 	batch, seq := x.Shape().Dim(0), x.Shape().Dim(1)
 	hd, kvHeads := cfg.HeadDim(), cfg.NumKVHeads
 	group := cfg.NumHeads / kvHeads
-	q := graph.Reshape(peft.Linear(ctx.In("q_proj"), x, cfg.NumHeads*hd, false), batch, seq, cfg.NumHeads, hd)
-	k := graph.Reshape(peft.Linear(ctx.In("k_proj"), x, kvHeads*hd, false), batch, seq, kvHeads, hd)
-	v := graph.Reshape(peft.Linear(ctx.In("v_proj"), x, kvHeads*hd, false), batch, seq, kvHeads, hd)
+	fam := cfg.Family()
+	q := graph.Reshape(peft.Linear(ctx.In("q_proj"), x, cfg.NumHeads*hd, fam.QKVBias), batch, seq, cfg.NumHeads, hd)
+	k := graph.Reshape(peft.Linear(ctx.In("k_proj"), x, kvHeads*hd, fam.QKVBias), batch, seq, kvHeads, hd)
+	v := graph.Reshape(peft.Linear(ctx.In("v_proj"), x, kvHeads*hd, fam.QKVBias), batch, seq, kvHeads, hd)
+	if fam.QKNorm { // Qwen3: an RMSNorm over each head, before the rotary embedding
+		q = rmsNorm(ctx.In("q_norm"), q, cfg.RMSNormEps)
+		k = rmsNorm(ctx.In("k_norm"), k, cfg.RMSNormEps)
+	}
 	q = applyRotary(q, cos, sin)
 	k = applyRotary(k, cos, sin)
 	// Query head h uses kv head h / group.
@@ -297,12 +347,13 @@ func attention(ctx *context.Context, cfg Config, x, cos, sin, mask *graph.Node) 
 	probs := graph.Softmax(scores, -1)
 	out := graph.Einsum("bkgqs,bskd->bqkgd", probs, v)
 	out = graph.Reshape(out, batch, seq, cfg.NumHeads*hd)
-	return peft.Linear(ctx.In("o_proj"), out, cfg.HiddenSize, false)
+	return peft.Linear(ctx.In("o_proj"), out, cfg.HiddenSize, fam.OBias)
 }
 
 func feedForward(ctx *context.Context, cfg Config, x *graph.Node) *graph.Node {
-	gate := peft.Linear(ctx.In("gate_proj"), x, cfg.IntermediateSize, false)
-	up := peft.Linear(ctx.In("up_proj"), x, cfg.IntermediateSize, false)
+	bias := cfg.Family().MLPBias
+	gate := peft.Linear(ctx.In("gate_proj"), x, cfg.IntermediateSize, bias)
+	up := peft.Linear(ctx.In("up_proj"), x, cfg.IntermediateSize, bias)
 	silu := graph.Mul(gate, graph.Sigmoid(gate))
-	return peft.Linear(ctx.In("down_proj"), graph.Mul(silu, up), cfg.HiddenSize, false)
+	return peft.Linear(ctx.In("down_proj"), graph.Mul(silu, up), cfg.HiddenSize, bias)
 }

@@ -1,0 +1,165 @@
+package llama_test
+
+import (
+	"encoding/json"
+	"math"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/gomlx/gomlx/pkg/core/shapes"
+	"github.com/gomlx/gomlx/pkg/core/tensors"
+	"github.com/gomlx/gomlx/pkg/ml/context"
+	"github.com/gomlx/gopjrt/dtypes"
+	"github.com/stretchr/testify/require"
+
+	"peft/lora"
+	"peft/peft"
+	"peft/peft/backend"
+	"peft/peft/llama"
+)
+
+// familiesDir holds tiny random checkpoints of each family in its Hugging Face layout, with the
+// logits scripts/family_reference.py (an independent float64 numpy reading of transformers'
+// modeling code, which reproduces stories260K's golden.json first) computes for them.
+const familiesDir = "testdata/families"
+
+type familyFixture struct {
+	dir      string
+	ids      []int32
+	expected [][]float64
+}
+
+func familyFixtures(t *testing.T) map[string]familyFixture {
+	t.Helper()
+	entries, err := os.ReadDir(familiesDir)
+	require.NoError(t, err)
+	out := map[string]familyFixture{}
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		dir := filepath.Join(familiesDir, e.Name())
+		data, err := os.ReadFile(filepath.Join(dir, "expected.json"))
+		require.NoError(t, err)
+		var exp struct {
+			InputIDs []int32     `json:"input_ids"`
+			Logits   [][]float64 `json:"logits"`
+		}
+		require.NoError(t, json.Unmarshal(data, &exp))
+		out[e.Name()] = familyFixture{dir: dir, ids: exp.InputIDs, expected: exp.Logits}
+	}
+	require.Len(t, out, 5)
+	return out
+}
+
+func familyModel(t *testing.T, dir string, method peft.Method) (llama.Config, *peft.Model) {
+	t.Helper()
+	b, err := backend.Get()
+	require.NoError(t, err)
+	ctx := context.New()
+	cfg, err := llama.LoadPretrained(ctx, dir)
+	require.NoError(t, err)
+	m, err := peft.NewModel(b, ctx, llama.CausalLM(cfg), method, shapes.Make(dtypes.Int32, 1, 12))
+	require.NoError(t, err)
+	return cfg, m
+}
+
+func familyLogits(t *testing.T, m *peft.Model, ids []int32) [][]float32 {
+	t.Helper()
+	out, err := m.Call(tensors.FromValue([][]int32{ids}))
+	require.NoError(t, err)
+	return out[0].Value().([][][]float32)[0]
+}
+
+func maxDiff(want [][]float64, got [][]float32) float64 {
+	worst := 0.0
+	for i := range want {
+		for j := range want[i] {
+			worst = math.Max(worst, math.Abs(want[i][j]-float64(got[i][j])))
+		}
+	}
+	return worst
+}
+
+// Each family's logits agree with the independent reference: Llama 3 (llama3 rope scaling,
+// explicit head_dim, eos list, tied head), Llama with linear rope scaling and attention/MLP biases,
+// Qwen2 (q/k/v biases, rope_theta 1e6), Qwen3 (q/k norms, head_dim ≠ hidden/heads), Mistral
+// (a sliding window shorter than the sequence).
+func TestFamiliesMatchTheReference(t *testing.T) {
+	for name, fx := range familyFixtures(t) {
+		t.Run(name, func(t *testing.T) {
+			cfg, m := familyModel(t, fx.dir, nil)
+			got := familyLogits(t, m, fx.ids)
+			diff := maxDiff(fx.expected, got)
+			t.Logf("%s (%s): max |logit difference| %.3g", name, cfg.ModelType, diff)
+			require.Less(t, diff, 1e-4)
+		})
+	}
+}
+
+func TestFamilyConfigs(t *testing.T) {
+	fx := familyFixtures(t)
+	llama3, _ := familyModel(t, fx["llama3"].dir, nil)
+	require.Equal(t, llama.TokenIDs{2, 3, 4}, llama3.EOSTokenIDs)
+	require.Equal(t, &llama.RopeScaling{RopeType: "llama3", Factor: 32, LowFreqFactor: 1, HighFreqFactor: 4, OriginalMaxPositionEmbeddings: 16}, llama3.RopeScaling)
+	require.Equal(t, llama.Family{Architecture: "LlamaForCausalLM"}, llama3.Family())
+	biased, _ := familyModel(t, fx["llama_linear_bias"].dir, nil)
+	require.Equal(t, llama.Family{Architecture: "LlamaForCausalLM", QKVBias: true, OBias: true, MLPBias: true}, biased.Family())
+	qwen2, _ := familyModel(t, fx["qwen2"].dir, nil)
+	require.Equal(t, llama.Family{Architecture: "Qwen2ForCausalLM", QKVBias: true}, qwen2.Family())
+	qwen3, _ := familyModel(t, fx["qwen3"].dir, nil)
+	require.Equal(t, llama.Family{Architecture: "Qwen3ForCausalLM", QKNorm: true}, qwen3.Family())
+	require.Equal(t, 16, qwen3.HeadDim())
+	mistral, _ := familyModel(t, fx["mistral"].dir, nil)
+	require.Equal(t, llama.Family{Architecture: "MistralForCausalLM", SlidingWindow: 4}, mistral.Family())
+}
+
+// Every family saves as its own Hugging Face folder (model_type, architecture, biases, norms) that
+// reloads with the same logits, and LoRA works on it unchanged: identity at init, merged equals
+// unmerged, and a merged export reloads as the adapted model.
+func TestFamiliesSaveAndTakeLoRA(t *testing.T) {
+	for name, fx := range familyFixtures(t) {
+		t.Run(name, func(t *testing.T) {
+			cfg, base := familyModel(t, fx.dir, nil)
+			want := familyLogits(t, base, fx.ids)
+			dir := t.TempDir()
+			require.NoError(t, llama.SaveHF(dir, cfg, base.Context(), nil))
+			var written map[string]any
+			data, err := os.ReadFile(filepath.Join(dir, "config.json"))
+			require.NoError(t, err)
+			require.NoError(t, json.Unmarshal(data, &written))
+			require.Equal(t, cfg.ModelType, written["model_type"])
+			require.Equal(t, []any{cfg.Family().Architecture}, written["architectures"])
+			reloadedCfg, reloaded := familyModel(t, dir, nil)
+			require.Equal(t, cfg, reloadedCfg)
+			require.Equal(t, want, familyLogits(t, reloaded, fx.ids))
+
+			lcfg := lora.DefaultConfig()
+			lcfg.TargetModules = peft.TargetPattern(peft.AllLinear)
+			l, err := lora.New(lcfg)
+			require.NoError(t, err)
+			_, adapted := familyModel(t, fx.dir, l)
+			require.Equal(t, want, familyLogits(t, adapted, fx.ids), "LoRA at init is the base model")
+			rng := peft.NewRand(4)
+			for _, tv := range adapted.TrainableVariables() {
+				if tv.Variable.Name() == "B" {
+					require.NoError(t, peft.SetFloat32s(tv.Variable, peft.Normal(rng, tv.Variable.Shape().Size(), 0.1)))
+				}
+			}
+			unmerged := familyLogits(t, adapted, fx.ids)
+			require.NoError(t, adapted.Merge())
+			merged := familyLogits(t, adapted, fx.ids)
+			for i := range merged {
+				require.InDeltaSlice(t, unmerged[i], merged[i], 1e-4)
+			}
+			out := t.TempDir()
+			require.NoError(t, llama.SaveHF(out, cfg, adapted.Context(), nil))
+			_, export := familyModel(t, out, nil)
+			exported := familyLogits(t, export, fx.ids)
+			for i := range merged {
+				require.InDeltaSlice(t, merged[i], exported[i], 1e-5)
+			}
+		})
+	}
+}
