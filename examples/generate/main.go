@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"slices"
 
 	"github.com/gomlx/gomlx/pkg/core/shapes"
 	"github.com/gomlx/gomlx/pkg/ml/context"
@@ -111,7 +112,11 @@ func run(modelDir, prompt string, maxNew int, adapterDir string, asJSON bool, ge
 	}
 
 	promptIDs := tok.Encode(prompt)
-	genCfg.StopIDs = []int{tok.EOS()}
+	// Stop at any of the model's end-of-sequence ids (Llama 3 has several), or the tokenizer's.
+	genCfg.StopIDs = append([]int{}, cfg.EOSTokenIDs...)
+	if eos := tok.EOS(); eos >= 0 && !slices.Contains(genCfg.StopIDs, eos) {
+		genCfg.StopIDs = append(genCfg.StopIDs, eos)
+	}
 	generated, err := generate.Generate(m, promptIDs, genCfg)
 	if err != nil {
 		return err

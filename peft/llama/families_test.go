@@ -13,10 +13,14 @@ import (
 	"github.com/gomlx/gopjrt/dtypes"
 	"github.com/stretchr/testify/require"
 
+	"peft/adapter"
 	"peft/lora"
+	"peft/lora/adalora"
 	"peft/peft"
 	"peft/peft/backend"
 	"peft/peft/llama"
+	"peft/prompttuning"
+	"peft/qlora"
 )
 
 // familiesDir holds tiny random checkpoints of each family in its Hugging Face layout, with the
@@ -161,5 +165,58 @@ func TestFamiliesSaveAndTakeLoRA(t *testing.T) {
 				require.InDeltaSlice(t, merged[i], exported[i], 1e-5)
 			}
 		})
+	}
+}
+
+// The other methods run on every family unchanged: those that start at the base model
+// reproduce it exactly; QLoRA (4-bit weights) and prompt tuning (virtual tokens) change the
+// outputs, finite, one per real token.
+func TestFamiliesTakeEveryMethod(t *testing.T) {
+	for name, fx := range familyFixtures(t) {
+		_, base := familyModel(t, fx.dir, nil)
+		want := familyLogits(t, base, fx.ids)
+		for _, tc := range []struct {
+			method   string
+			new      func() (peft.Method, error)
+			identity bool
+		}{
+			{"adalora", func() (peft.Method, error) {
+				c := adalora.DefaultConfig()
+				c.TotalSteps, c.TargetModules = 10, peft.TargetPattern(peft.AllLinear)
+				return adalora.New(c)
+			}, true},
+			{"adapter", func() (peft.Method, error) { return adapter.New(adapter.Houlsby()) }, true},
+			{"qlora", func() (peft.Method, error) {
+				c := qlora.DefaultConfig()
+				c.BlockSize = 32
+				return qlora.New(c)
+			}, false},
+			{"prompt_tuning", func() (peft.Method, error) {
+				c := prompttuning.DefaultConfig()
+				c.NumVirtualTokens = 4
+				return prompttuning.New(c)
+			}, false},
+		} {
+			t.Run(name+"/"+tc.method, func(t *testing.T) {
+				method, err := tc.new()
+				require.NoError(t, err)
+				_, m := familyModel(t, fx.dir, method)
+				got := familyLogits(t, m, fx.ids)
+				require.Len(t, got, len(want))
+				if tc.identity {
+					require.Equal(t, want, got)
+					return
+				}
+				diff := 0.0
+				for i := range want {
+					for j := range want[i] {
+						require.False(t, math.IsNaN(float64(got[i][j])))
+						diff = math.Max(diff, math.Abs(float64(want[i][j]-got[i][j])))
+					}
+				}
+				t.Logf("max |logit change| %.3g", diff)
+				require.Greater(t, diff, 0.0)
+			})
+		}
 	}
 }
