@@ -1,7 +1,9 @@
 // Package llama is the reference model of the SDK: a decoder-only transformer in the Llama style
 // (RMSNorm, rotary positions, grouped-query attention, SwiGLU feed-forward, optional tied
 // embeddings), written only with peft's building blocks so that every fine-tuning method attaches
-// to it unchanged.
+// to it unchanged. One decoder runs the Llama, Mistral, Qwen2 and Qwen3 families: Config.Family
+// names their few differences (biases, q/k norms, sliding window), and RoPE scaling, head_dim and
+// eos lists are read as transformers reads them.
 //
 // Its layers are named like Hugging Face's LlamaForCausalLM (model.embed_tokens,
 // model.layers.N.self_attn.q_proj, …, model.layers.N.mlp.gate_proj, model.norm, lm_head), so
