@@ -220,3 +220,30 @@ func TestFamiliesTakeEveryMethod(t *testing.T) {
 		}
 	}
 }
+
+// Mistral's sliding_window as transformers reads it: absent is MistralConfig's default 4096, null
+// is none; fields that would change the math and are not implemented are errors.
+func TestFamilyConfigEdges(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join(familiesDir, "mistral", "config.json"))
+	require.NoError(t, err)
+	parse := func(mutate func(map[string]any)) (llama.Config, error) {
+		var fields map[string]any
+		require.NoError(t, json.Unmarshal(data, &fields))
+		mutate(fields)
+		out, err := json.Marshal(fields)
+		require.NoError(t, err)
+		return llama.ParseConfig(out)
+	}
+	cfg, err := parse(func(f map[string]any) { delete(f, "sliding_window") })
+	require.NoError(t, err)
+	require.Equal(t, 4096, cfg.Family().SlidingWindow)
+	cfg, err = parse(func(f map[string]any) { f["sliding_window"] = nil })
+	require.NoError(t, err)
+	require.Zero(t, cfg.Family().SlidingWindow)
+	_, err = parse(func(f map[string]any) { f["partial_rotary_factor"] = 0.5 })
+	require.ErrorContains(t, err, "partial_rotary_factor 0.5 is not supported")
+	_, err = parse(func(f map[string]any) { f["layer_types"] = []string{"full_attention", "sliding_attention"} })
+	require.ErrorContains(t, err, `layer_types[1] is "sliding_attention"`)
+	_, err = parse(func(f map[string]any) { f["model_type"] = "gemma" })
+	require.ErrorContains(t, err, `unsupported model_type "gemma"`)
+}

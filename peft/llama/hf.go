@@ -29,9 +29,16 @@ type hfConfig struct {
 	RopeScaling json.RawMessage `json:"rope_scaling"`
 	// UseSlidingWindow and MaxWindowLayers are Qwen2's and Qwen3's; SlidingWindow shadows
 	// Config's, which holds it only where the family uses it (Mistral).
-	UseSlidingWindow bool `json:"use_sliding_window"`
-	SlidingWindow    *int `json:"sliding_window"`
+	UseSlidingWindow bool            `json:"use_sliding_window"`
+	SlidingWindow    json.RawMessage `json:"sliding_window"`
+	// LayerTypes is newer transformers' per-layer attention kind; only "full_attention" runs here.
+	LayerTypes []string `json:"layer_types"`
+	// PartialRotaryFactor, when not 1, rotates only part of each head (not implemented).
+	PartialRotaryFactor *float64 `json:"partial_rotary_factor"`
 }
+
+// mistralDefaultWindow is MistralConfig's sliding_window when config.json does not give one.
+const mistralDefaultWindow = 4096
 
 // architectures lists the transformers classes of each family that this decoder runs.
 var architectures = map[string][]string{
@@ -73,12 +80,29 @@ func ParseConfig(data []byte) (Config, error) {
 	if err != nil {
 		return Config{}, err
 	}
+	if f := hf.PartialRotaryFactor; f != nil && *f != 1 {
+		return Config{}, fmt.Errorf("llama: config.json: partial_rotary_factor %g is not supported (only 1)", *f)
+	}
+	for i, kind := range hf.LayerTypes {
+		if kind != "full_attention" {
+			return Config{}, fmt.Errorf("llama: config.json: layer_types[%d] is %q; only full_attention is supported", i, kind)
+		}
+	}
 	cfg := hf.Config
 	cfg.RopeScaling = scaling
 	switch cfg.ModelType {
 	case FamilyMistral:
+		// Absent means MistralConfig's default; null means no window.
+		cfg.SlidingWindow = mistralDefaultWindow
 		if hf.SlidingWindow != nil {
-			cfg.SlidingWindow = *hf.SlidingWindow
+			var window *int
+			if err := json.Unmarshal(hf.SlidingWindow, &window); err != nil {
+				return Config{}, fmt.Errorf("llama: config.json: sliding_window: %w", err)
+			}
+			cfg.SlidingWindow = 0
+			if window != nil {
+				cfg.SlidingWindow = *window
+			}
 		}
 		if cfg.AttentionBias || cfg.MLPBias {
 			return Config{}, fmt.Errorf("llama: config.json: attention_bias and mlp_bias are not part of model_type mistral")
