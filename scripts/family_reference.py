@@ -8,8 +8,8 @@ of the tiny checkpoints in peft/llama/testdata/families.
 
 It first reproduces stories260K's golden.json (logits at positions 0 and 1 of [1, 403], the
 prompt's last logits, the golden sequence's mean loss); only then does it write, for each family,
-a tiny random checkpoint in the family's exact Hugging Face layout (config.json as transformers
-writes it, PyTorch [out, in] tensors, F32) with expected.json: token ids and the logits this
+a tiny random checkpoint in the family's Hugging Face layout (config.json with the fields the
+family's transformers config class reads, PyTorch [out, in] tensors, F32) with expected.json: token ids and the logits this
 reference computes for them. Needs numpy (Debian: python3-numpy).
 """
 
@@ -63,8 +63,23 @@ def family(config):
         "o_bias": {"llama": bias, "mistral": False, "qwen2": False, "qwen3": bias}[kind],
         "mlp_bias": config.get("mlp_bias", False) if kind == "llama" else False,
         "qk_norm": kind == "qwen3",
-        "sliding_window": config.get("sliding_window") if kind == "mistral" else None,
+        # MistralConfig's default is 4096 when the key is absent; null means none.
+        "sliding_window": config.get("sliding_window", 4096) if kind == "mistral" else None,
     }
+
+
+# The defaults of transformers' config classes that differ between families.
+DEFAULT_KV_HEADS = {"mistral": 8, "qwen2": 32, "qwen3": 32}
+DEFAULT_HEAD_DIM = {"qwen3": 128}
+
+
+def sizes(config):
+    """(heads, kv heads, head dim) with the family's defaults for absent keys."""
+    kind = config.get("model_type", "llama")
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", DEFAULT_KV_HEADS.get(kind, heads))
+    hd = config.get("head_dim", DEFAULT_HEAD_DIM.get(kind)) or config["hidden_size"] // heads
+    return heads, kv, hd
 
 
 def inv_freq(config, head_dim):
@@ -102,9 +117,7 @@ def rotate_half(x):
 def forward(config, w, ids):
     """Logits [seq, vocab] of one sequence of token ids."""
     f = family(config)
-    d, heads = config["hidden_size"], config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", heads)
-    hd = config.get("head_dim") or d // heads
+    heads, kv, hd = sizes(config)
     eps = config["rms_norm_eps"]
     t = len(ids)
     x = w["model.embed_tokens.weight"][ids]
@@ -172,11 +185,13 @@ def check_golden():
 COMMON = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
           "rms_norm_eps": 1e-6, "hidden_act": "silu", "initializer_range": 0.02, "bos_token_id": 1,
-          "attention_dropout": 0.0, "use_cache": True, "torch_dtype": "float32", "transformers_version": "4.57.1"}
+          "attention_dropout": 0.0, "use_cache": True, "torch_dtype": "float32"}
 FIXTURES = {
     "llama3": dict(COMMON, architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=500000.0,
+                   # With head_dim 8 and theta 5e5 the wavelengths are 6.3, 167, 4443, 118k: with
+                   # an original context of 256, one is kept, one interpolated, two scaled.
                    rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                                 "original_max_position_embeddings": 16, "rope_type": "llama3"},
+                                 "original_max_position_embeddings": 256, "rope_type": "llama3"},
                    head_dim=8, attention_bias=False, mlp_bias=False, pretraining_tp=1,
                    tie_word_embeddings=True, eos_token_id=[2, 3, 4]),
     "llama_linear_bias": dict(COMMON, architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=10000.0,
@@ -184,8 +199,8 @@ FIXTURES = {
                               attention_bias=True, mlp_bias=True, pretraining_tp=1,
                               tie_word_embeddings=False, eos_token_id=2),
     "qwen2": dict(COMMON, architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1000000.0,
-                  rope_scaling=None, tie_word_embeddings=True, use_sliding_window=False, sliding_window=32,
-                  max_window_layers=2, eos_token_id=2),
+                  rope_scaling=None, tie_word_embeddings=True, use_sliding_window=False, sliding_window=None,
+                  max_window_layers=2, eos_token_id=2, bos_token_id=None),
     "qwen3": dict(COMMON, architectures=["Qwen3ForCausalLM"], model_type="qwen3", rope_theta=1000000.0,
                   rope_scaling=None, head_dim=16, attention_bias=False, tie_word_embeddings=True,
                   use_sliding_window=False, sliding_window=None, max_window_layers=2, eos_token_id=2),
@@ -196,9 +211,8 @@ FIXTURES = {
 
 def random_weights(config, rng):
     f = family(config)
-    d, heads = config["hidden_size"], config["num_attention_heads"]
-    kv, ff = config["num_key_value_heads"], config["intermediate_size"]
-    hd = config.get("head_dim") or d // heads
+    d, ff = config["hidden_size"], config["intermediate_size"]
+    heads, kv, hd = sizes(config)
     w = {"model.embed_tokens.weight": rng.normal(0, 0.5, (config["vocab_size"], d)),
          "model.norm.weight": 1 + rng.normal(0, 0.1, d)}
     if not config["tie_word_embeddings"]:

@@ -106,7 +106,7 @@ func TestFamilyConfigs(t *testing.T) {
 	fx := familyFixtures(t)
 	llama3, _ := familyModel(t, fx["llama3"].dir, nil)
 	require.Equal(t, llama.TokenIDs{2, 3, 4}, llama3.EOSTokenIDs)
-	require.Equal(t, &llama.RopeScaling{RopeType: "llama3", Factor: 32, LowFreqFactor: 1, HighFreqFactor: 4, OriginalMaxPositionEmbeddings: 16}, llama3.RopeScaling)
+	require.Equal(t, &llama.RopeScaling{RopeType: "llama3", Factor: 32, LowFreqFactor: 1, HighFreqFactor: 4, OriginalMaxPositionEmbeddings: 256}, llama3.RopeScaling)
 	require.Equal(t, llama.Family{Architecture: "LlamaForCausalLM"}, llama3.Family())
 	biased, _ := familyModel(t, fx["llama_linear_bias"].dir, nil)
 	require.Equal(t, llama.Family{Architecture: "LlamaForCausalLM", QKVBias: true, OBias: true, MLPBias: true}, biased.Family())
@@ -246,4 +246,67 @@ func TestFamilyConfigEdges(t *testing.T) {
 	require.ErrorContains(t, err, `layer_types[1] is "sliding_attention"`)
 	_, err = parse(func(f map[string]any) { f["model_type"] = "gemma" })
 	require.ErrorContains(t, err, `unsupported model_type "gemma"`)
+
+	// The family's defaults for what config.json leaves out: Qwen3's head_dim 128 and 32 kv heads.
+	cfg, err = parse(func(f map[string]any) {
+		f["model_type"], f["architectures"], f["num_attention_heads"] = "qwen3", []string{"Qwen3ForCausalLM"}, 32
+		delete(f, "head_dim")
+		delete(f, "num_key_value_heads")
+		delete(f, "sliding_window")
+	})
+	require.NoError(t, err)
+	require.Equal(t, 128, cfg.HeadDim())
+	require.Equal(t, 32, cfg.NumKVHeads)
+}
+
+// transformers v5 writes rope_theta and rope_scaling inside rope_parameters: the same model.
+func TestRopeParameters(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join(familiesDir, "llama3", "config.json"))
+	require.NoError(t, err)
+	v4, err := llama.ParseConfig(data)
+	require.NoError(t, err)
+	var fields map[string]any
+	require.NoError(t, json.Unmarshal(data, &fields))
+	params := fields["rope_scaling"].(map[string]any)
+	params["rope_theta"] = fields["rope_theta"]
+	fields["rope_parameters"] = params
+	delete(fields, "rope_scaling")
+	fields["rope_theta"] = nil
+	v5data, err := json.Marshal(fields)
+	require.NoError(t, err)
+	v5, err := llama.ParseConfig(v5data)
+	require.NoError(t, err)
+	require.Equal(t, v4, v5)
+
+	for _, tc := range []struct {
+		mutate func(map[string]any)
+		want   string
+	}{
+		{func(f map[string]any) { delete(f, "rope_parameters") }, "rope_theta is null"},
+		{func(f map[string]any) { f["rope_theta"] = 10000.0 }, "rope_theta 10000 disagrees with rope_parameters.rope_theta 500000"},
+		{func(f map[string]any) {
+			f["rope_parameters"] = map[string]any{"rope_type": "yarn", "rope_theta": 1e4, "factor": 2}
+		}, `"yarn" is not supported`},
+	} {
+		var f map[string]any
+		require.NoError(t, json.Unmarshal(v5data, &f))
+		tc.mutate(f)
+		out, err := json.Marshal(f)
+		require.NoError(t, err)
+		_, err = llama.ParseConfig(out)
+		require.ErrorContains(t, err, tc.want)
+	}
+}
+
+// A null bos_token_id (Qwen) stays null when the config is written back.
+func TestNullBOSRoundTrip(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join(familiesDir, "qwen2", "config.json"))
+	require.NoError(t, err)
+	cfg, err := llama.ParseConfig(data)
+	require.NoError(t, err)
+	require.Nil(t, cfg.BOSTokenID)
+	fields, err := llama.HFConfig(cfg)
+	require.NoError(t, err)
+	require.Contains(t, fields, "bos_token_id")
+	require.Nil(t, fields["bos_token_id"])
 }

@@ -121,7 +121,7 @@ func (c Config) inverseFrequencies(hd int) []float64 {
 }
 
 // TokenIDs is config.json's form of a token id that may also be a list (Llama 3's eos_token_id
-// [128001, 128008, 128009]): one id or several, written back as it was read.
+// [128001, 128008, 128009]): one id or several (one is written as a number, none as null).
 type TokenIDs []int
 
 // UnmarshalJSON reads an id, a list of ids, or null.

@@ -1,6 +1,7 @@
 package llama
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sort"
 	"strconv"
@@ -25,8 +27,14 @@ type hfConfig struct {
 	Config
 	Architectures []string `json:"architectures"`
 	HiddenAct     string   `json:"hidden_act"`
-	// RopeScaling shadows Config's field, to be read with parseRopeScaling.
-	RopeScaling json.RawMessage `json:"rope_scaling"`
+	// RopeScaling and RopeTheta shadow Config's fields, to be read with parseRopeScaling or
+	// from transformers v5's rope_parameters, which holds both.
+	RopeScaling    json.RawMessage `json:"rope_scaling"`
+	RopeTheta      json.RawMessage `json:"rope_theta"`
+	RopeParameters json.RawMessage `json:"rope_parameters"`
+	// HeadDim and NumKVHeads shadow Config's fields: their defaults depend on the family.
+	HeadDim    *int `json:"head_dim"`
+	NumKVHeads *int `json:"num_key_value_heads"`
 	// UseSlidingWindow and MaxWindowLayers are Qwen2's and Qwen3's; SlidingWindow shadows
 	// Config's, which holds it only where the family uses it (Mistral).
 	UseSlidingWindow bool            `json:"use_sliding_window"`
@@ -39,6 +47,62 @@ type hfConfig struct {
 
 // mistralDefaultWindow is MistralConfig's sliding_window when config.json does not give one.
 const mistralDefaultWindow = 4096
+
+// familyDefaults are the defaults of transformers' config classes that differ between the
+// families, for fields config.json leaves out (0: Llama's, num_attention_heads and
+// hidden/heads).
+var familyDefaults = map[string]struct{ numKVHeads, headDim int }{
+	FamilyMistral: {numKVHeads: 8},
+	FamilyQwen2:   {numKVHeads: 32},
+	FamilyQwen3:   {numKVHeads: 32, headDim: 128},
+}
+
+// parseRope reads rope_theta and rope_scaling, or transformers v5's rope_parameters (which holds
+// both; a config with both forms must agree). rope_theta defaults to 10000, every family's
+// default.
+func parseRope(thetaRaw, scalingRaw, paramsRaw json.RawMessage) (float64, *RopeScaling, error) {
+	theta := 10000.0
+	if len(thetaRaw) > 0 {
+		var t *float64
+		if err := json.Unmarshal(thetaRaw, &t); err != nil {
+			return 0, nil, fmt.Errorf("llama: config.json: rope_theta: %w", err)
+		}
+		if t == nil && len(paramsRaw) == 0 {
+			return 0, nil, fmt.Errorf("llama: config.json: rope_theta is null and there are no rope_parameters")
+		}
+		if t != nil {
+			theta = *t
+		}
+	}
+	scaling, err := parseRopeScaling(scalingRaw)
+	if err != nil || len(paramsRaw) == 0 || string(bytes.TrimSpace(paramsRaw)) == "null" {
+		return theta, scaling, err
+	}
+	var params struct {
+		RopeTheta *float64 `json:"rope_theta"`
+	}
+	if err := json.Unmarshal(paramsRaw, &params); err != nil || params.RopeTheta == nil {
+		return 0, nil, fmt.Errorf("llama: config.json: rope_parameters must be an object with rope_theta, got %s", truncate(paramsRaw))
+	}
+	fromParams, err := parseRopeScaling(paramsRaw)
+	if err != nil {
+		return 0, nil, fmt.Errorf("%w (in rope_parameters)", err)
+	}
+	if len(thetaRaw) > 0 && string(bytes.TrimSpace(thetaRaw)) != "null" && theta != *params.RopeTheta {
+		return 0, nil, fmt.Errorf("llama: config.json: rope_theta %g disagrees with rope_parameters.rope_theta %g", theta, *params.RopeTheta)
+	}
+	if scaling != nil && !reflect.DeepEqual(scaling, fromParams) {
+		return 0, nil, fmt.Errorf("llama: config.json: rope_scaling disagrees with rope_parameters")
+	}
+	return *params.RopeTheta, fromParams, nil
+}
+
+func truncate(raw []byte) string {
+	if len(raw) > 120 {
+		return string(raw[:120]) + "…"
+	}
+	return string(raw)
+}
 
 // architectures lists the transformers classes of each family that this decoder runs.
 var architectures = map[string][]string{
@@ -56,8 +120,7 @@ var architectures = map[string][]string{
 // use_sliding_window, biases a family does not have) is an error that names the field.
 func ParseConfig(data []byte) (Config, error) {
 	var hf hfConfig
-	hf.NumKVHeads = -1
-	hf.RMSNormEps, hf.RopeTheta = 1e-6, 10000 // Hugging Face's LlamaConfig defaults
+	hf.RMSNormEps = 1e-6 // every family's default
 	if err := json.Unmarshal(data, &hf); err != nil {
 		return Config{}, fmt.Errorf("llama: config.json: %w", err)
 	}
@@ -76,7 +139,7 @@ func ParseConfig(data []byte) (Config, error) {
 	if hf.HiddenAct != "" && hf.HiddenAct != "silu" {
 		return Config{}, fmt.Errorf("llama: config.json: unsupported hidden_act %q (want \"silu\")", hf.HiddenAct)
 	}
-	scaling, err := parseRopeScaling(hf.RopeScaling)
+	theta, scaling, err := parseRope(hf.RopeTheta, hf.RopeScaling, hf.RopeParameters)
 	if err != nil {
 		return Config{}, err
 	}
@@ -89,7 +152,7 @@ func ParseConfig(data []byte) (Config, error) {
 		}
 	}
 	cfg := hf.Config
-	cfg.RopeScaling = scaling
+	cfg.RopeTheta, cfg.RopeScaling = theta, scaling
 	switch cfg.ModelType {
 	case FamilyMistral:
 		// Absent means MistralConfig's default; null means no window.
@@ -115,11 +178,21 @@ func ParseConfig(data []byte) (Config, error) {
 			return Config{}, fmt.Errorf("llama: config.json: attention_bias and mlp_bias are not part of model_type %s (Qwen2 has its q, k, v biases by itself)", cfg.ModelType)
 		}
 	}
-	if cfg.NumKVHeads == -1 {
-		cfg.NumKVHeads = cfg.NumHeads // Hugging Face's default: no grouping
+	// The defaults of the family's config class for what config.json leaves out.
+	defaults := familyDefaults[cfg.ModelType]
+	cfg.NumKVHeads = cfg.NumHeads // Llama's: no grouping
+	if defaults.numKVHeads > 0 {
+		cfg.NumKVHeads = defaults.numKVHeads
+	}
+	if hf.NumKVHeads != nil {
+		cfg.NumKVHeads = *hf.NumKVHeads
+	}
+	cfg.HeadDimension = defaults.headDim
+	if hf.HeadDim != nil {
+		cfg.HeadDimension = *hf.HeadDim
 	}
 	if cfg.HeadDimension == cfg.HiddenSize/max(cfg.NumHeads, 1) && cfg.HiddenSize%max(cfg.NumHeads, 1) == 0 {
-		cfg.HeadDimension = 0 // the default, said explicitly
+		cfg.HeadDimension = 0 // hidden/heads, said explicitly
 	}
 	if err := cfg.Validate(); err != nil {
 		return Config{}, err

@@ -79,9 +79,10 @@ func requireClose(t *testing.T, want []float64, got []float32, tol float64, what
 
 func TestStories260KConfig(t *testing.T) {
 	cfg, m := loadStories(t)
+	one := 1
 	require.Equal(t, llama.Config{VocabSize: 512, HiddenSize: 64, IntermediateSize: 172, NumLayers: 5, NumHeads: 8,
 		NumKVHeads: 4, MaxPositions: 512, RMSNormEps: 1e-5, RopeTheta: 10000, TieEmbeddings: true,
-		BOSTokenID: 1, EOSTokenIDs: llama.TokenIDs{2}, ModelType: "llama"}, cfg)
+		BOSTokenID: &one, EOSTokenIDs: llama.TokenIDs{2}, ModelType: "llama"}, cfg)
 	require.EqualValues(t, 260_032, m.Report().All, "the README's parameter count")
 }
 

@@ -55,8 +55,8 @@ type Config struct {
 	// SlidingWindow is Mistral's sliding_window (0: full causal attention).
 	SlidingWindow int `json:"sliding_window,omitempty"`
 	// BOSTokenID and EOSTokenIDs are the ids that begin and end a sequence (generation stops at
-	// any EOS). They do not change the model.
-	BOSTokenID  int      `json:"bos_token_id"`
+	// any EOS); nil when config.json has none (null). They do not change the model.
+	BOSTokenID  *int     `json:"bos_token_id"`
 	EOSTokenIDs TokenIDs `json:"eos_token_id"`
 }
 
