@@ -6,9 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"sort"
 	"strings"
 	"unicode/utf8"
+
+	"github.com/dlclark/regexp2"
+	"golang.org/x/text/unicode/norm"
 )
 
 // ErrUnsupported is wrapped by the errors about well-formed tokenizer.json
@@ -85,6 +89,15 @@ type component struct {
 	// TemplateProcessing
 	Single        json.RawMessage            `json:"single"`
 	SpecialTokens map[string]specialTokenDef `json:"special_tokens"`
+	// ByteLevel
+	UseRegex *bool `json:"use_regex"`
+	// Split
+	Behavior *string `json:"behavior"`
+	Invert   *bool   `json:"invert"`
+	// Digits
+	IndividualDigits *bool `json:"individual_digits"`
+	// Sequence (post-processors)
+	Processors []json.RawMessage `json:"processors"`
 }
 
 type patternJSON struct {
@@ -135,6 +148,9 @@ func Parse(data []byte) (*Tokenizer, error) {
 		return nil, err
 	}
 	if t.preTokenizer, err = parsePreTokenizer(f.PreTokenizer, 0); err != nil {
+		return nil, err
+	}
+	if err := t.checkCoverage(); err != nil {
 		return nil, err
 	}
 	if err = t.parsePostProcessor(f.PostProcessor); err != nil {
@@ -247,13 +263,40 @@ func (t *Tokenizer) parseModel(raw json.RawMessage) error {
 		}
 		t.unkID = id
 	}
-	if t.unkID < 0 && !(t.byteFallback && allBytes) {
-		if t.byteFallback {
-			return errorf("byte_fallback is on but not all 256 <0xNN> tokens are in the vocab, and there is no unk_token: some text could not be encoded")
-		}
-		return errorf("no unk_token and no byte_fallback: some text could not be encoded")
-	}
+	t.allByteTokens = allBytes
 	return nil
+}
+
+// checkCoverage errs if some text could not be encoded: without an unk token, every character
+// must reach the vocabulary, through byte_fallback's <0xNN> tokens or a ByteLevel pre-tokenizer's
+// 256 byte characters.
+func (t *Tokenizer) checkCoverage() error {
+	if t.unkID >= 0 || t.byteFallback && t.allByteTokens {
+		return nil
+	}
+	if hasByteLevel(t.preTokenizer) {
+		for b := range 256 {
+			if _, ok := t.vocab[string(byteToRune[b])]; !ok {
+				return errorf("the ByteLevel pre-tokenizer's character %q (byte 0x%02X) is not in the vocab, and there is no unk_token: some text could not be encoded", byteToRune[b], b)
+			}
+		}
+		return nil
+	}
+	if t.byteFallback {
+		return errorf("byte_fallback is on but not all 256 <0xNN> tokens are in the vocab, and there is no unk_token: some text could not be encoded")
+	}
+	return errorf("no unk_token and no byte_fallback: some text could not be encoded")
+}
+
+// hasByteLevel reports whether p is or contains the ByteLevel pre-tokenizer.
+func hasByteLevel(p preTokenizer) bool {
+	switch p := p.(type) {
+	case byteLevelPre:
+		return true
+	case preSequence:
+		return slices.ContainsFunc(p, hasByteLevel)
+	}
+	return false
 }
 
 // parseMerge reads one merge: "a b" or ["a", "b"].
@@ -401,8 +444,16 @@ func parseNormalizer(raw json.RawMessage, depth int) (normalizer, error) {
 			return nil, err
 		}
 		return normReplace{from, *c.Content}, nil
+	case "NFC":
+		return unicodeNormalizer{norm.NFC}, nil
+	case "NFD":
+		return unicodeNormalizer{norm.NFD}, nil
+	case "NFKC":
+		return unicodeNormalizer{norm.NFKC}, nil
+	case "NFKD":
+		return unicodeNormalizer{norm.NFKD}, nil
 	}
-	return nil, unsupported("normalizer type %q (only Sequence, Prepend and Replace)", c.Type)
+	return nil, unsupported("normalizer type %q (only Sequence, Prepend, Replace, NFC, NFD, NFKC and NFKD)", c.Type)
 }
 
 func parseMetaspace(c *component, what string) (metaspace, error) {
@@ -468,8 +519,54 @@ func parsePreTokenizer(raw json.RawMessage, depth int) (preTokenizer, error) {
 			return nil, err
 		}
 		return metaspacePre{m}, nil
+	case "ByteLevel":
+		b := byteLevelPre{addPrefixSpace: c.AddPrefixSpace != nil && *c.AddPrefixSpace}
+		if c.UseRegex == nil || *c.UseRegex { // Hugging Face's default: GPT-2's regex
+			re, err := compileSplitRegex(gpt2Pattern)
+			if err != nil {
+				return nil, errorf("pre_tokenizer ByteLevel: %v", err)
+			}
+			b.regex = &regexSplit{re: re}
+		}
+		return b, nil
+	case "Split":
+		return parseSplit(c)
+	case "Digits":
+		return digitsPre{individual: c.IndividualDigits != nil && *c.IndividualDigits}, nil
 	}
-	return nil, unsupported("pre_tokenizer type %q (only null, Metaspace or a Sequence of it)", c.Type)
+	return nil, unsupported("pre_tokenizer type %q (only null, Metaspace, ByteLevel, Split, Digits or a Sequence of them)", c.Type)
+}
+
+// parseSplit reads a Split pre-tokenizer: a Regex or String pattern, behavior Isolated, invert
+// false.
+func parseSplit(c *component) (preTokenizer, error) {
+	if c.Pattern == nil || (c.Pattern.Regex == nil) == (c.Pattern.String == nil) {
+		return nil, errorf("pre_tokenizer Split needs a pattern with either Regex or String")
+	}
+	if c.Invert != nil && *c.Invert {
+		return nil, unsupported("pre_tokenizer Split with invert: true")
+	}
+	pattern := ""
+	if c.Pattern.Regex != nil {
+		pattern = *c.Pattern.Regex
+	} else {
+		pattern = regexp2.Escape(*c.Pattern.String)
+	}
+	if pattern == "" {
+		return nil, errorf("pre_tokenizer Split has an empty pattern")
+	}
+	re, err := compileSplitRegex(pattern)
+	if err != nil {
+		return nil, errorf("pre_tokenizer Split pattern %q: %v", clip([]byte(pattern)), err)
+	}
+	if c.Behavior == nil || *c.Behavior != "Isolated" {
+		behavior := "none"
+		if c.Behavior != nil {
+			behavior = *c.Behavior
+		}
+		return nil, unsupported("pre_tokenizer Split behavior %q (only Isolated, which the BPE files of decoder models use)", behavior)
+	}
+	return regexSplit{re: re}, nil
 }
 
 func parseDecoder(raw json.RawMessage, depth int) (decoder, error) {
@@ -528,8 +625,10 @@ func parseDecoder(raw json.RawMessage, depth int) (decoder, error) {
 			return nil, err
 		}
 		return metaspaceDec{m}, nil
+	case "ByteLevel":
+		return byteLevelDec{}, nil
 	}
-	return nil, unsupported("decoder type %q (only Sequence, Replace, ByteFallback, Fuse, Strip and Metaspace)", c.Type)
+	return nil, unsupported("decoder type %q (only Sequence, Replace, ByteFallback, Fuse, Strip, Metaspace and ByteLevel)", c.Type)
 }
 
 func (t *Tokenizer) parsePostProcessor(raw json.RawMessage) error {
@@ -540,8 +639,22 @@ func (t *Tokenizer) parsePostProcessor(raw json.RawMessage) error {
 	if err != nil {
 		return err
 	}
-	if c.Type != "TemplateProcessing" {
-		return unsupported("post_processor type %q (only null or TemplateProcessing)", c.Type)
+	switch c.Type {
+	case "ByteLevel": // it only adjusts offsets, which Encode does not return
+		return nil
+	case "Sequence":
+		for _, r := range c.Processors {
+			if err := t.parsePostProcessor(r); err != nil {
+				return err
+			}
+		}
+		return nil
+	case "TemplateProcessing":
+	default:
+		return unsupported("post_processor type %q (only null, ByteLevel, TemplateProcessing or a Sequence of them)", c.Type)
+	}
+	if t.hasTemplate {
+		return unsupported("post_processor with two TemplateProcessing steps")
 	}
 	pieces, err := parseTemplate(c.Single)
 	if err != nil {

@@ -1,32 +1,44 @@
-// Package tokenizer reads Hugging Face tokenizer.json files of the Llama-2 /
-// SentencePiece-BPE kind and encodes and decodes text the way the Hugging Face
-// `tokenizers` library does for them.
+// Package tokenizer reads Hugging Face tokenizer.json files of the BPE kinds that decoder models
+// use, and encodes and decodes text the way the Hugging Face `tokenizers` library does for them:
+// Llama-2 / SentencePiece-style BPE with byte fallback, and byte-level BPE as GPT-2, Llama 3,
+// Qwen2/2.5 and SmolLM2 write it.
 //
-// The kind it implements, section by section of tokenizer.json:
+// The kinds it implements, section by section of tokenizer.json:
 //
 //   - added_tokens: matched in the raw text before anything else (leftmost,
 //     longest first), as Hugging Face does; a literal "<s>" in the text becomes
 //     the <s> token. Tokens with "normalized": true are matched in the
 //     normalized text instead. lstrip, rstrip and single_word must be false.
-//   - normalizer: null, Replace (string pattern), Prepend, or a Sequence of
-//     these. Llama-2 files have Sequence[Prepend("▁"), Replace(" " → "▁")].
-//   - pre_tokenizer: null (the whole normalized text is one BPE word) or
-//     Metaspace (the newer, non-legacy Llama conversion), or a Sequence of it.
+//   - normalizer: null, Replace (string pattern), Prepend, NFC, NFD, NFKC, NFKD,
+//     or a Sequence of these. Llama-2 files have Sequence[Prepend("▁"),
+//     Replace(" " → "▁")]; Qwen2's have NFC.
+//   - pre_tokenizer: null (the whole normalized text is one BPE word),
+//     Metaspace (the newer, non-legacy Llama conversion), ByteLevel (GPT-2's
+//     byte-to-character map, with GPT-2's regex split when use_regex), Split
+//     with a Regex or String pattern (behavior Isolated, invert false), Digits,
+//     or a Sequence of these. Split regexes run on regexp2, which has the lookahead
+//     (\s+(?!\S)) and Unicode classes (\p{L}, \p{N}, \s) of Llama 3's and Qwen2's
+//     patterns that Go's regexp lacks.
 //   - model: BPE with vocab, ranked merges ("a b" strings or ["a", "b"]
 //     pairs), byte_fallback (a character that is not in the vocabulary becomes
 //     the <0xNN> tokens of its UTF-8 bytes), unk_token, fuse_unk and
-//     ignore_merges. dropout must be null or 0, continuing_subword_prefix and
-//     end_of_word_suffix must be empty.
-//   - post_processor: null or TemplateProcessing; Encode applies its "single"
-//     template (Llama-2: "<s>" $A). The "pair" template is not used.
-//   - decoder: null, Replace, ByteFallback, Fuse, Strip, Metaspace, or a
+//     ignore_merges (Llama 3: a word that is itself in the vocabulary is one
+//     token). dropout must be null or 0, continuing_subword_prefix and
+//     end_of_word_suffix must be empty. Without unk_token, every character must
+//     reach the vocabulary (byte fallback, or ByteLevel's 256 characters).
+//   - post_processor: null, TemplateProcessing (Encode applies its "single"
+//     template: Llama-2's "<s>" $A, Llama 3's <|begin_of_text|> $A), ByteLevel
+//     (it only adjusts offsets), or a Sequence of these. The "pair" template is
+//     not used.
+//   - decoder: null, Replace, ByteFallback, Fuse, Strip, Metaspace, ByteLevel
+//     (bytes back, invalid UTF-8 replaced as Rust's from_utf8_lossy does), or a
 //     Sequence of these. Llama-2 files have Sequence[Replace("▁" → " "),
 //     ByteFallback, Fuse, Strip(" ", 1, 0)].
 //   - truncation and padding must be null.
 //
 // Anything else is rejected by Parse with an error that names it; nothing in
-// a file is silently ignored except the "pair" template, the "version" field
-// and "type_id"s (which only matter for pairs).
+// a file is silently ignored except the "pair" template, the "version" field,
+// "type_id"s (which only matter for pairs) and offset trimming.
 //
 // tokenizer_config.json is not read: whether <s> is added comes from the
 // post_processor in tokenizer.json (transformers rebuilds that template from
@@ -48,12 +60,13 @@ type Tokenizer struct {
 	idToTok map[int]string // model vocabulary and added tokens (added win)
 	vocabSz int            // max id + 1
 
-	merges       map[uint64]mergeVal
-	byteIDs      [256]int32 // id of <0xNN>, -1 when missing
-	byteFallback bool
-	unkID        int // -1 when there is no unk token
-	fuseUnk      bool
-	ignoreMerges bool
+	merges        map[uint64]mergeVal
+	byteIDs       [256]int32 // id of <0xNN>, -1 when missing
+	byteFallback  bool
+	allByteTokens bool // every <0xNN> token is in the vocabulary
+	unkID         int  // -1 when there is no unk token
+	fuseUnk       bool
+	ignoreMerges  bool
 
 	added        map[string]int // added token content -> id
 	special      map[int]bool   // ids of added tokens with special: true

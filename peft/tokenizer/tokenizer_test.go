@@ -480,11 +480,11 @@ func TestParseErrors(t *testing.T) {
 			model(m)["byte_fallback"] = false
 			return mustMarshal(t, m)
 		}, "no unk_token and no byte_fallback", false},
-		{"normalizer NFKC", func() []byte {
+		{"normalizer Precompiled", func() []byte {
 			m := base()
-			m["normalizer"] = map[string]any{"type": "NFKC"}
+			m["normalizer"] = map[string]any{"type": "Precompiled", "precompiled_charsmap": "AAAA"}
 			return mustMarshal(t, m)
-		}, `normalizer type "NFKC"`, true},
+		}, `normalizer type "Precompiled"`, true},
 		{"nested normalizer", func() []byte {
 			m := base()
 			m["normalizer"].(map[string]any)["normalizers"] = append(m["normalizer"].(map[string]any)["normalizers"].([]any), map[string]any{"type": "Lowercase"})
@@ -495,16 +495,38 @@ func TestParseErrors(t *testing.T) {
 			m["normalizer"] = map[string]any{"type": "Replace", "pattern": map[string]any{"Regex": " +"}, "content": "▁"}
 			return mustMarshal(t, m)
 		}, "Regex", true},
-		{"pre_tokenizer ByteLevel", func() []byte {
+		{"pre_tokenizer Whitespace", func() []byte {
 			m := base()
+			m["pre_tokenizer"] = map[string]any{"type": "Whitespace"}
+			return mustMarshal(t, m)
+		}, `pre_tokenizer type "Whitespace"`, true},
+		{"byte-level without its byte characters", func() []byte {
+			m := base()
+			model(m)["unk_token"] = nil
+			model(m)["byte_fallback"] = false
 			m["pre_tokenizer"] = map[string]any{"type": "ByteLevel", "add_prefix_space": false}
 			return mustMarshal(t, m)
-		}, `pre_tokenizer type "ByteLevel"`, true},
-		{"decoder ByteLevel", func() []byte {
+		}, `the ByteLevel pre-tokenizer's character`, false},
+		{"split inverted", func() []byte {
 			m := base()
-			m["decoder"] = map[string]any{"type": "ByteLevel"}
+			m["pre_tokenizer"] = map[string]any{"type": "Split", "pattern": map[string]any{"Regex": " "}, "behavior": "Isolated", "invert": true}
 			return mustMarshal(t, m)
-		}, `decoder type "ByteLevel"`, true},
+		}, "invert: true", true},
+		{"split behavior", func() []byte {
+			m := base()
+			m["pre_tokenizer"] = map[string]any{"type": "Split", "pattern": map[string]any{"Regex": " "}, "behavior": "Sideways"}
+			return mustMarshal(t, m)
+		}, `behavior "Sideways"`, true},
+		{"split bad regex", func() []byte {
+			m := base()
+			m["pre_tokenizer"] = map[string]any{"type": "Split", "pattern": map[string]any{"Regex": "(("}, "behavior": "Isolated"}
+			return mustMarshal(t, m)
+		}, "Split pattern", false},
+		{"decoder WordPiece", func() []byte {
+			m := base()
+			m["decoder"] = map[string]any{"type": "WordPiece"}
+			return mustMarshal(t, m)
+		}, `decoder type "WordPiece"`, true},
 		{"decoder without type", func() []byte {
 			m := base()
 			m["decoder"] = map[string]any{}
