@@ -14,6 +14,7 @@ import (
 	"peft/peft"
 	"peft/peft/backend"
 	"peft/peft/llama"
+	"peft/peft/pefttest"
 	"peft/peft/stories260k"
 )
 
@@ -44,12 +45,7 @@ func TestMergedHuggingFaceExportLoadsBack(t *testing.T) {
 	method, err := lora.New(lcfg)
 	require.NoError(t, err)
 	cfg, m := loadLlama(t, "", method)
-	rng := peft.NewRand(3)
-	for _, tv := range m.TrainableVariables() {
-		if tv.Variable.Name() == "B" {
-			require.NoError(t, peft.SetFloat32s(tv.Variable, peft.Normal(rng, tv.Variable.Shape().Size(), 0.05)))
-		}
-	}
+	pefttest.SetRandomB(t, m, 3, 0.05)
 	ids := tensors.FromValue([][]int32{{1, 403, 407, 261, 378, 432, 383, 286}})
 	call := func(m *peft.Model) [][]float32 {
 		out, err := m.Call(ids)

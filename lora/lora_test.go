@@ -79,12 +79,7 @@ func TestMergeUnmerge(t *testing.T) {
 	m := pefttest.NewModel(t, l)
 	base := pefttest.Logits(t, m)
 	// Give B values so the update is not zero.
-	rng := peft.NewRand(5)
-	for _, tv := range m.TrainableVariables() {
-		if tv.Variable.Name() == "B" {
-			require.NoError(t, peft.SetFloat32s(tv.Variable, peft.Normal(rng, tv.Variable.Shape().Size(), 0.5)))
-		}
-	}
+	pefttest.SetRandomB(t, m, 5, 0.5)
 	require.NotEqual(t, base, pefttest.Logits(t, m))
 	pefttest.CheckMergeUnmerge(t, m)
 }

@@ -201,12 +201,7 @@ func TestMerge(t *testing.T) {
 				c.QuantizeModules = peft.TargetNames("q_proj", "k_proj", "o_proj", "mlp.up_proj")
 			})
 			m := pefttest.NewModel(t, q)
-			rng := peft.NewRand(5)
-			for _, tv := range m.TrainableVariables() {
-				if tv.Variable.Name() == "B" {
-					require.NoError(t, peft.SetFloat32s(tv.Variable, peft.Normal(rng, tv.Variable.Shape().Size(), 0.05)))
-				}
-			}
+			pefttest.SetRandomB(t, m, 5, 0.05)
 			unmerged := pefttest.Logits(t, m)
 			stored := pefttest.Snapshot(t, q.QuantizedVariables())
 			vLayer := m.Layout().Linear("model.layers.0.self_attn.v_proj") // adapted, not quantized

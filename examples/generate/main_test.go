@@ -8,18 +8,11 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/gomlx/gomlx/pkg/core/shapes"
-	"github.com/gomlx/gomlx/pkg/ml/context"
-	"github.com/gomlx/gopjrt/dtypes"
 	"github.com/stretchr/testify/require"
 
 	"peft/lora"
-	"peft/peft"
-	"peft/peft/backend"
 	"peft/peft/generate"
-	"peft/peft/llama"
-	"peft/peft/safetensors"
-	"peft/peft/stories260k"
+	"peft/peft/pefttest"
 )
 
 // runJSON runs the program with -json and decodes the last line of its stdout.
@@ -53,21 +46,10 @@ func TestJSONContract(t *testing.T) {
 
 // With -adapter the saved method is applied: a LoRA whose B is not zero changes the prompt's NLL.
 func TestAdapter(t *testing.T) {
-	b, err := backend.Get()
-	require.NoError(t, err)
-	ctx := context.New()
-	cfg, err := llama.LoadPretrainedFS(ctx, stories260k.FS())
-	require.NoError(t, err)
 	method, err := lora.New(lora.DefaultConfig())
 	require.NoError(t, err)
-	m, err := peft.NewModel(b, ctx, llama.CausalLM(cfg), method, shapes.Make(dtypes.Int32, 1, 1))
-	require.NoError(t, err)
-	rng := peft.NewRand(1)
-	for _, tv := range m.TrainableVariables() {
-		if tv.Variable.Name() == "B" {
-			require.NoError(t, peft.SetFloat32s(tv.Variable, peft.Normal(rng, tv.Variable.Shape().Size(), 0.2)))
-		}
-	}
+	_, m := pefttest.StoriesModel(t, method)
+	pefttest.SetRandomB(t, m, 1, 0.2)
 	dir := t.TempDir()
 	require.NoError(t, m.Save(dir))
 	res := runJSON(t, dir)
@@ -80,16 +62,7 @@ func TestAdapter(t *testing.T) {
 	// The same adapter as Hugging Face PEFT writes it (no record of ours in the metadata), in a
 	// sub-folder as PEFT keeps adapters not named "default": -adapter names the parent folder.
 	parent := t.TempDir()
-	sub := filepath.Join(parent, "my-task")
-	require.NoError(t, os.MkdirAll(sub, 0o755))
-	file, err := safetensors.Read(filepath.Join(dir, peft.AdapterWeightsFile))
-	require.NoError(t, err)
-	stripped, err := safetensors.Encode(file.Tensors, map[string]string{"format": "pt"})
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(filepath.Join(sub, peft.AdapterWeightsFile), stripped, 0o644))
-	config, err := os.ReadFile(filepath.Join(dir, peft.AdapterConfigFile))
-	require.NoError(t, err)
-	require.NoError(t, os.WriteFile(filepath.Join(sub, peft.AdapterConfigFile), config, 0o644))
+	pefttest.WritePlainPEFT(t, dir, filepath.Join(parent, "my-task"))
 	res = runJSON(t, parent)
 	require.InDelta(t, want, res.PromptMeanNLL, 1e-9)
 }

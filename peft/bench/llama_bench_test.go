@@ -68,6 +68,7 @@ import (
 	"peft/peft"
 	"peft/peft/backend"
 	"peft/peft/llama"
+	"peft/peft/pefttest"
 	"peft/peft/stories260k"
 	"peft/prompttuning"
 )
@@ -399,12 +400,7 @@ func BenchmarkLlamaInference(b *testing.B) {
 				require.NoError(b, err)
 				ids := randomTokens(cfg.VocabSize, 2)
 				if _, isLoRA := meth.(*lora.LoRA); isLoRA {
-					rng := peft.NewRand(3)
-					for _, tv := range m.TrainableVariables() {
-						if tv.Variable.Name() == "B" {
-							require.NoError(b, peft.SetFloat32s(tv.Variable, peft.Normal(rng, tv.Variable.Shape().Size(), 0.02)))
-						}
-					}
+					pefttest.SetRandomB(b, m, 3, 0.02)
 				}
 				var unmerged []float32
 				if tc.merge {

@@ -152,12 +152,7 @@ func TestMethods(t *testing.T) {
 		require.Equal(t, want, generate(t, m, prompt, cfg), "LoRA with B = 0 differs from the base")
 
 		// A non-zero update: merged and unmerged must agree with each other.
-		rng := peft.NewRand(11)
-		for _, tv := range method.Trainable(m.Context()) {
-			if v := tv.Variable; v.Name() == "B" {
-				require.NoError(t, peft.SetFloat32s(v, peft.Normal(rng, v.Shape().Size(), 0.5)))
-			}
-		}
+		pefttest.SetRandomB(t, m, 11, 0.5)
 		unmerged := generate(t, m, prompt, cfg)
 		require.NotEqual(t, want, unmerged, "the LoRA update changed nothing: the comparison proves little")
 		require.NoError(t, m.Merge())

@@ -19,6 +19,7 @@ import (
 	"peft/peft"
 	"peft/peft/backend"
 	"peft/peft/llama"
+	"peft/peft/pefttest"
 	"peft/prompttuning"
 	"peft/qlora"
 )
@@ -145,12 +146,7 @@ func TestFamiliesSaveAndTakeLoRA(t *testing.T) {
 			require.NoError(t, err)
 			_, adapted := familyModel(t, fx.dir, l)
 			require.Equal(t, want, familyLogits(t, adapted, fx.ids), "LoRA at init is the base model")
-			rng := peft.NewRand(4)
-			for _, tv := range adapted.TrainableVariables() {
-				if tv.Variable.Name() == "B" {
-					require.NoError(t, peft.SetFloat32s(tv.Variable, peft.Normal(rng, tv.Variable.Shape().Size(), 0.1)))
-				}
-			}
+			pefttest.SetRandomB(t, adapted, 4, 0.1)
 			unmerged := familyLogits(t, adapted, fx.ids)
 			require.NoError(t, adapted.Merge())
 			merged := familyLogits(t, adapted, fx.ids)

@@ -19,6 +19,8 @@ import (
 	"peft/peft"
 	"peft/peft/backend"
 	"peft/peft/llama"
+	"peft/peft/safetensors"
+	"peft/peft/stories260k"
 )
 
 // Batch and Seq are the toy task's batch size and sequence length.
@@ -327,4 +329,44 @@ func CheckMergeUnmerge(t *testing.T, m *peft.Model) {
 		require.Equal(t, weights[layer.Path], w, "unmerge did not restore %s exactly", layer.Path)
 	}
 	require.Equal(t, unmerged, Logits(t, m))
+}
+
+// SetRandomB draws every LoRA factor B of m (the variables named "B") from N(0, std²) with
+// seed, so that the adapter changes the model (B starts at zero).
+func SetRandomB(t testing.TB, m *peft.Model, seed uint64, std float64) {
+	t.Helper()
+	rng := peft.NewRand(seed)
+	for _, tv := range m.TrainableVariables() {
+		if v := tv.Variable; v.Name() == "B" {
+			require.NoError(t, peft.SetFloat32s(v, peft.Normal(rng, v.Shape().Size(), std)))
+		}
+	}
+}
+
+// StoriesModel loads the embedded stories260K as a causal language model, traced with [1, 1]
+// token ids, with method applied (nil: the base model).
+func StoriesModel(t testing.TB, method peft.Method) (llama.Config, *peft.Model) {
+	t.Helper()
+	b, err := backend.Get()
+	require.NoError(t, err)
+	ctx := context.New()
+	cfg, err := llama.LoadPretrainedFS(ctx, stories260k.FS())
+	require.NoError(t, err)
+	m, err := peft.NewModel(b, ctx, llama.CausalLM(cfg), method, shapes.Make(dtypes.Int32, 1, 1))
+	require.NoError(t, err)
+	return cfg, m
+}
+
+// WritePlainPEFT copies the Hugging Face PEFT adapter folder from (written by Model.Save) to the
+// folder to as PEFT itself would have written it: the same configuration and tensors, with only
+// {"format": "pt"} as metadata (no record of this SDK's).
+func WritePlainPEFT(t testing.TB, from, to string) {
+	t.Helper()
+	require.NoError(t, os.MkdirAll(to, 0o755))
+	file, err := safetensors.Read(filepath.Join(from, peft.AdapterWeightsFile))
+	require.NoError(t, err)
+	require.NoError(t, safetensors.Write(filepath.Join(to, peft.AdapterWeightsFile), file.Tensors, map[string]string{"format": "pt"}))
+	config, err := os.ReadFile(filepath.Join(from, peft.AdapterConfigFile))
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(to, peft.AdapterConfigFile), config, 0o644))
 }
