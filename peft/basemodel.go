@@ -28,6 +28,14 @@ type BaseModel struct {
 	Config json.RawMessage `json:"config,omitempty"`
 }
 
+// HFModelConfig is a model's configuration as the config.json of its Hugging Face folder holds
+// it. Code that writes whole checkpoints without knowing the model family (qlora.SaveQuantized)
+// takes one; llama.Config is one.
+type HFModelConfig interface {
+	// HFConfig returns config.json's fields, or an error if the configuration is invalid.
+	HFConfig() (map[string]any, error)
+}
+
 // paramBaseModel is the context parameter (at the root scope) that holds the BaseModel.
 const paramBaseModel = "peft_base_model"
 

@@ -21,43 +21,39 @@ import (
 	"peft/peft"
 	"peft/peft/atomicfile"
 	"peft/peft/bnb"
-	"peft/peft/llama"
 	"peft/peft/safetensors"
 )
 
-// LoadPretrainedFS reads a Hugging Face Llama folder (config.json and model.safetensors, or the
-// shards model.safetensors.index.json lists) into ctx, like llama.LoadPretrainedFS, accepting
-// weights in bitsandbytes' 4-bit layout (as SaveQuantized, examples/quantize or Hugging Face's
-// 4-bit save write them): each is dequantized exactly (bnb.Quantized.Dequantize) into the float32
-// variable the model expects, so the model runs with no method applied. It returns the model's
-// configuration and the 4-bit weights by layer path: pass them to QLoRA.UsePrequantized to
-// train on exactly this quantized model. Tensors stored in full precision load as they are.
+// Dequantized reads the Hugging Face model folder fsys whose weights may be in bitsandbytes'
+// 4-bit layout (as SaveQuantized, examples/quantize or Hugging Face's 4-bit save write them) and
+// returns the same folder with every 4-bit weight dequantized exactly (bnb.Quantized.Dequantize)
+// to F32, in one model.safetensors, and the 4-bit weights by layer path. Load the folder with the
+// model family's loader (llama.LoadPretrainedFS, say) and the model runs with no method applied;
+// pass the 4-bit weights to QLoRA.UsePrequantized to train on exactly this quantized model.
+// Tensors stored in full precision are kept as they are; every other file (config.json,
+// tokenizer.json, ...) is the folder's own.
 //
 // A 4-bit weight whose quant state disagrees with its tensors, or a companion tensor without its
-// quant state, is an error that names it (see bnb.FromTensors); ctx is not changed then.
-func LoadPretrainedFS(ctx *context.Context, fsys fs.FS) (llama.Config, Prequantized, error) {
-	configData, err := fs.ReadFile(fsys, "config.json")
-	if err != nil {
-		return llama.Config{}, nil, fmt.Errorf("qlora: no config.json: %w", err)
-	}
+// quant state, is an error that names it (see bnb.FromTensors).
+func Dequantized(fsys fs.FS) (fs.FS, Prequantized, error) {
 	files, err := weightFiles(fsys)
 	if err != nil {
-		return llama.Config{}, nil, err
+		return nil, nil, err
 	}
 	var plain []safetensors.Tensor
 	pre := Prequantized{}
 	for _, file := range files {
 		data, err := fs.ReadFile(fsys, file)
 		if err != nil {
-			return llama.Config{}, nil, fmt.Errorf("qlora: %w", err)
+			return nil, nil, fmt.Errorf("qlora: %w", err)
 		}
 		f, err := safetensors.Parse(data)
 		if err != nil {
-			return llama.Config{}, nil, fmt.Errorf("qlora: %s: %w", file, err)
+			return nil, nil, fmt.Errorf("qlora: %s: %w", file, err)
 		}
 		quantized, others, err := bnb.ReadFile(f)
 		if err != nil {
-			return llama.Config{}, nil, fmt.Errorf("qlora: %s: %w", file, err)
+			return nil, nil, fmt.Errorf("qlora: %s: %w", file, err)
 		}
 		plain = append(plain, others...)
 		for name, q := range quantized {
@@ -67,16 +63,32 @@ func LoadPretrainedFS(ctx *context.Context, fsys fs.FS) (llama.Config, Prequanti
 	}
 	encoded, err := safetensors.Encode(plain, map[string]string{"format": "pt"})
 	if err != nil {
-		return llama.Config{}, nil, fmt.Errorf("qlora: %w", err)
+		return nil, nil, fmt.Errorf("qlora: %w", err)
 	}
-	cfg, err := llama.LoadPretrainedFS(ctx, fstest.MapFS{
-		"config.json":       &fstest.MapFile{Data: configData},
-		"model.safetensors": &fstest.MapFile{Data: encoded},
-	})
-	if err != nil {
-		return llama.Config{}, nil, err
+	hidden := map[string]bool{"model.safetensors.index.json": true}
+	for _, file := range files {
+		hidden[file] = true
 	}
-	return cfg, pre, nil
+	return dequantizedFS{fsys: fsys, weights: encoded, hidden: hidden}, pre, nil
+}
+
+// dequantizedFS is a model folder with its weight files replaced by one model.safetensors.
+type dequantizedFS struct {
+	fsys    fs.FS
+	weights []byte
+	hidden  map[string]bool
+}
+
+// Open opens name: the dequantized weights for model.safetensors, nothing for the shards and
+// their index, the folder's own file otherwise.
+func (d dequantizedFS) Open(name string) (fs.File, error) {
+	if name == "model.safetensors" {
+		return fstest.MapFS{name: &fstest.MapFile{Data: d.weights, Mode: 0o444}}.Open(name)
+	}
+	if d.hidden[name] {
+		return nil, &fs.PathError{Op: "open", Path: name, Err: fs.ErrNotExist}
+	}
+	return d.fsys.Open(name)
 }
 
 // weightFiles lists model.safetensors, or the shards model.safetensors.index.json names.
@@ -107,26 +119,23 @@ func weightFiles(fsys fs.FS) ([]string, error) {
 	return files, nil
 }
 
-// SaveQuantized writes the QLoRA model m, a Llama with configuration cfg, as a Hugging Face
-// folder in bitsandbytes' 4-bit layout: model.safetensors holds every quantized layer X as
+// SaveQuantized writes the QLoRA model m, whose configuration is cfg (a llama.Config, say), as a
+// Hugging Face folder in bitsandbytes' 4-bit layout: model.safetensors holds every quantized layer X as
 // X.weight and its companions (bnb.Quantized.Tensors documents them) and every other variable
 // of the base model in F32 under its Hugging Face name ([out, in] for linear weights);
-// config.json is cfg's with a quantization_config that Hugging Face transformers reads
+// config.json is cfg.HFConfig's with a quantization_config that Hugging Face transformers reads
 // ("quant_method": "bitsandbytes", "load_in_4bit": true, the quant type, double quantization and
 // compute dtype; linear layers left in full precision are listed in llm_int8_skip_modules). The
 // adapter is not included (save it with m.Save); after a requantized merge the merged weights
 // are written. Files named in copyFiles are copied from from (tokenizer files, say). Each file is
 // written atomically, the weights before config.json.
-func SaveQuantized(dir string, cfg llama.Config, m *peft.Model, from fs.FS, copyFiles ...string) error {
+func SaveQuantized(dir string, cfg peft.HFModelConfig, m *peft.Model, from fs.FS, copyFiles ...string) error {
 	q, ok := m.Method().(*QLoRA)
 	if !ok {
 		return fmt.Errorf("qlora.SaveQuantized: the model's method is %T, not QLoRA", m.Method())
 	}
 	if q.merged == MergeDequantized {
-		return errors.New("qlora.SaveQuantized: the model is merged into float32 weights: export it with llama.SaveHF, or unmerge")
-	}
-	if err := cfg.Validate(); err != nil {
-		return err
+		return errors.New("qlora.SaveQuantized: the model is merged into float32 weights: export it with its family's SaveHF (llama.SaveHF), or unmerge")
 	}
 	ctx := m.Context()
 	var out []safetensors.Tensor
@@ -203,8 +212,8 @@ func (l *QLoRA) quantFor(v *context.Variable) *quantLayer {
 
 // hfConfigJSON is config.json for cfg with the quantization recorded as transformers'
 // BitsAndBytesConfig writes it.
-func hfConfigJSON(cfg llama.Config, qc Config, skip []string) ([]byte, error) {
-	fields, err := llama.HFConfig(cfg)
+func hfConfigJSON(cfg peft.HFModelConfig, qc Config, skip []string) ([]byte, error) {
+	fields, err := cfg.HFConfig()
 	if err != nil {
 		return nil, err
 	}

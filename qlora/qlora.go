@@ -33,10 +33,11 @@
 // # Checkpoints
 //
 // SaveQuantized writes the quantized model as a Hugging Face folder in bitsandbytes' layout
-// (bnb.Quantized.Tensors documents every tensor's dtype and shape); LoadPretrainedFS reads such a
-// folder (or any Llama checkpoint) into a context, dequantizing 4-bit weights exactly, and
-// returns the quantized weights so that UsePrequantized makes QLoRA adopt them instead of
-// quantizing again. Model.Save and Load handle the adapter (A, B and the modules to save), as
+// (bnb.Quantized.Tensors documents every tensor's dtype and shape); Dequantized turns such a
+// folder (or any checkpoint) into one the model family's loader reads (llama.LoadPretrainedFS),
+// dequantizing 4-bit weights exactly, and returns the quantized weights so that UsePrequantized
+// makes QLoRA adopt them instead of quantizing again. Neither knows a model family: config.json
+// comes from the model's peft.HFModelConfig. Model.Save and Load handle the adapter (A, B and the modules to save), as
 // for LoRA.
 //
 // # Merging
@@ -174,7 +175,7 @@ type quantLayer struct {
 }
 
 // Prequantized holds 4-bit weights read from a checkpoint, by layer path
-// ("model.layers.0.self_attn.q_proj"), in PyTorch's [out, in] order (LoadPretrainedFS).
+// ("model.layers.0.self_attn.q_proj"), in PyTorch's [out, in] order (Dequantized returns them).
 type Prequantized map[string]*bnb.Quantized
 
 // New returns QLoRA with cfg, or an error naming what is wrong with it.
@@ -191,7 +192,7 @@ func New(cfg Config) (*QLoRA, error) {
 
 // UsePrequantized makes Init adopt these quantized weights for the layers it quantizes instead of
 // quantizing the model's float weights, which must be their exact dequantization (as
-// LoadPretrainedFS loads them): double-quantized scales cannot be recovered from dequantized
+// loading the folder Dequantized returns gives them): double-quantized scales cannot be recovered from dequantized
 // values, so re-quantizing would not give the same model. Their options must be the
 // configuration's. Layers Init does not quantize ignore their entry. Call it before NewModel.
 func (l *QLoRA) UsePrequantized(p Prequantized) { l.pre = p }
@@ -288,7 +289,7 @@ func checkPrequantized(pre *bnb.Quantized, layer *peft.LinearLayer, opts bnb.Opt
 	}
 	for i, v := range pre.Dequantize() {
 		if math.Float32bits(v) != math.Float32bits(torchOrder[i]) {
-			return fmt.Errorf("qlora: prequantized %s does not dequantize to the model's weights (value %d: %v, the model has %v): load the model with LoadPretrainedFS",
+			return fmt.Errorf("qlora: prequantized %s does not dequantize to the model's weights (value %d: %v, the model has %v): load the model from the folder qlora.Dequantized returns",
 				layer.Path, i, v, torchOrder[i])
 		}
 	}

@@ -15,9 +15,10 @@
 // error, and then nothing is written: the output is written atomically, after every tensor is
 // quantized.
 //
-// To load the result, put it as model.safetensors in a Hugging Face Llama folder and call
-// qlora.LoadPretrainedFS, which dequantizes the 4-bit weights exactly (and returns them for
-// QLoRA.UsePrequantized); bnb.DequantizeFile does the same for any file.
+// To load the result, put it as model.safetensors in a Hugging Face model folder: qlora.Dequantized
+// gives that folder with the 4-bit weights dequantized exactly, for the family's loader
+// (llama.LoadPretrainedFS), and the 4-bit weights for QLoRA.UsePrequantized;
+// bnb.DequantizeFile does the same for any file.
 package main
 
 import (

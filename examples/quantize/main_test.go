@@ -69,10 +69,12 @@ func TestQuantizeStories(t *testing.T) {
 			data, err := os.ReadFile(out)
 			require.NoError(t, err)
 			ctx := context.New()
-			cfg, pre, err := qlora.LoadPretrainedFS(ctx, fstest.MapFS{
+			dequantized, pre, err := qlora.Dequantized(fstest.MapFS{
 				"config.json":       &fstest.MapFile{Data: config},
 				"model.safetensors": &fstest.MapFile{Data: data},
 			})
+			require.NoError(t, err)
+			cfg, err := llama.LoadPretrainedFS(ctx, dequantized)
 			require.NoError(t, err)
 			require.Len(t, pre, 37)
 			b, err := backend.Get()

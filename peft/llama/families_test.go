@@ -301,7 +301,7 @@ func TestNullBOSRoundTrip(t *testing.T) {
 	cfg, err := llama.ParseConfig(data)
 	require.NoError(t, err)
 	require.Nil(t, cfg.BOSTokenID)
-	fields, err := llama.HFConfig(cfg)
+	fields, err := cfg.HFConfig()
 	require.NoError(t, err)
 	require.Contains(t, fields, "bos_token_id")
 	require.Nil(t, fields["bos_token_id"])

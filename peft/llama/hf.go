@@ -447,9 +447,15 @@ func SaveHF(dir string, cfg Config, ctx *context.Context, from fs.FS, copyFiles 
 	return atomicfile.Write(filepath.Join(dir, "config.json"), data)
 }
 
-// HFConfig returns the fields of the config.json of a model with cfg, as SaveHF writes it: the
-// family's model_type and architecture, head_dim, the family's own fields, torch_dtype float32.
-func HFConfig(cfg Config) (map[string]any, error) {
+// HFConfig returns the fields of the config.json of a model with configuration c, as SaveHF
+// writes it: the family's model_type and architecture, head_dim, the family's own fields,
+// torch_dtype float32. It makes Config a peft.HFModelConfig, which checkpoint writers that know
+// no model family (qlora.SaveQuantized) take.
+func (c Config) HFConfig() (map[string]any, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	cfg := c
 	if cfg.ModelType == "" {
 		cfg.ModelType = FamilyLlama
 	}
@@ -485,7 +491,7 @@ func HFConfig(cfg Config) (map[string]any, error) {
 
 // hfConfigJSON is the config.json of a model with cfg, as SaveHF writes it.
 func hfConfigJSON(cfg Config) ([]byte, error) {
-	fields, err := HFConfig(cfg)
+	fields, err := cfg.HFConfig()
 	if err != nil {
 		return nil, err
 	}
