@@ -191,7 +191,7 @@ func TestLoadFS(t *testing.T) {
 		want    string
 		wantErr string
 	}{
-		{"string", files(`{"chat_template": "` + jsonEscape(src) + `", "bos_token": "<s>", "eos_token": {"content": "</s>", "lstrip": false}}`, ""), "<s>user:hi</s>", ""},
+		{"string", files(`{"chat_template": "`+jsonEscape(src)+`", "bos_token": "<s>", "eos_token": {"content": "</s>", "lstrip": false}}`, ""), "<s>user:hi</s>", ""},
 		{"named list", files(`{"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "`+jsonEscape(src)+`"}], "bos_token": null, "eos_token": "E"}`, ""), "user:hiE", ""},
 		{"jinja file wins", files(`{"chat_template": "ignored", "bos_token": "B"}`, src), "Buser:hi", ""},
 		{"jinja file alone", files("", src), "user:hi", ""},
