@@ -9,14 +9,10 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/gomlx/gomlx/pkg/core/shapes"
 	"github.com/gomlx/gomlx/pkg/ml/context"
-	"github.com/gomlx/gopjrt/dtypes"
 	"github.com/stretchr/testify/require"
 
 	"peft/lora"
-	"peft/peft"
-	"peft/peft/backend"
 	"peft/peft/chat"
 	"peft/peft/generate"
 	"peft/peft/llama"
@@ -166,13 +162,7 @@ func familyFolder(t *testing.T, fixture, tokFile, template, eos string) (string,
 // be that model's, and its text their decoding; generation stops early only at a stop id.
 func checkAgainstModel(t *testing.T, dir string, tok *tokenizer.Tokenizer, res result, maxNew int, stop []int) {
 	t.Helper()
-	b, err := backend.Get()
-	require.NoError(t, err)
-	ctx := context.New()
-	cfg, err := llama.LoadPretrained(ctx, dir)
-	require.NoError(t, err)
-	m, err := peft.NewModel(b, ctx, llama.CausalLM(cfg), nil, shapes.Make(dtypes.Int32, 1, 1))
-	require.NoError(t, err)
+	cfg, m := pefttest.FolderModel(t, os.DirFS(dir), nil, 1)
 	want, err := generate.Generate(m, res.PromptIDs, generate.Config{MaxNewTokens: maxNew, StopIDs: append(cfg.EOSTokenIDs, stop...)})
 	require.NoError(t, err)
 	require.Equal(t, want, res.GeneratedIDs)

@@ -7,17 +7,13 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/gomlx/gomlx/pkg/core/shapes"
 	"github.com/gomlx/gomlx/pkg/core/tensors"
-	"github.com/gomlx/gomlx/pkg/ml/context"
-	"github.com/gomlx/gopjrt/dtypes"
 	"github.com/stretchr/testify/require"
 
 	"peft/adapter"
 	"peft/lora"
 	"peft/lora/adalora"
 	"peft/peft"
-	"peft/peft/backend"
 	"peft/peft/llama"
 	"peft/peft/pefttest"
 	"peft/prompttuning"
@@ -60,14 +56,7 @@ func familyFixtures(t *testing.T) map[string]familyFixture {
 
 func familyModel(t *testing.T, dir string, method peft.Method) (llama.Config, *peft.Model) {
 	t.Helper()
-	b, err := backend.Get()
-	require.NoError(t, err)
-	ctx := context.New()
-	cfg, err := llama.LoadPretrained(ctx, dir)
-	require.NoError(t, err)
-	m, err := peft.NewModel(b, ctx, llama.CausalLM(cfg), method, shapes.Make(dtypes.Int32, 1, 12))
-	require.NoError(t, err)
-	return cfg, m
+	return pefttest.FolderModel(t, os.DirFS(dir), method, 12)
 }
 
 func familyLogits(t *testing.T, m *peft.Model, ids []int32) [][]float32 {

@@ -4,6 +4,7 @@
 package pefttest
 
 import (
+	"io/fs"
 	"math"
 	"os"
 	"os/exec"
@@ -347,12 +348,19 @@ func SetRandomB(t testing.TB, m *peft.Model, seed uint64, std float64) {
 // token ids, with method applied (nil: the base model).
 func StoriesModel(t testing.TB, method peft.Method) (llama.Config, *peft.Model) {
 	t.Helper()
+	return FolderModel(t, stories260k.FS(), method, 1)
+}
+
+// FolderModel loads the Hugging Face model folder fsys (llama.LoadPretrainedFS) and applies
+// method (nil for none) as a causal LM on inputs of one sequence of seqLen tokens.
+func FolderModel(t testing.TB, fsys fs.FS, method peft.Method, seqLen int) (llama.Config, *peft.Model) {
+	t.Helper()
 	b, err := backend.Get()
 	require.NoError(t, err)
 	ctx := context.New()
-	cfg, err := llama.LoadPretrainedFS(ctx, stories260k.FS())
+	cfg, err := llama.LoadPretrainedFS(ctx, fsys)
 	require.NoError(t, err)
-	m, err := peft.NewModel(b, ctx, llama.CausalLM(cfg), method, shapes.Make(dtypes.Int32, 1, 1))
+	m, err := peft.NewModel(b, ctx, llama.CausalLM(cfg), method, shapes.Make(dtypes.Int32, 1, seqLen))
 	require.NoError(t, err)
 	return cfg, m
 }
