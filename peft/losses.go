@@ -2,6 +2,7 @@ package peft
 
 import (
 	"fmt"
+	"sync"
 
 	"github.com/gomlx/gomlx/pkg/core/graph"
 	"github.com/gomlx/gomlx/pkg/core/shapes"
@@ -34,9 +35,13 @@ func tokenNLL(logits, classes *graph.Node) *graph.Node {
 }
 
 // NextTokenLoss is the language-modelling loss: predictions[0] are logits [batch, seq, vocab],
-// labels[0] the token ids [batch, seq] the model read, and labels[1], optional, a padding mask
-// [batch, seq] (true or non-zero for real tokens). Position t is scored on predicting token t+1;
-// the mean is over the pairs where both tokens are real.
+// labels[0] the token ids [batch, seq] the model read, labels[1], optional, a padding mask
+// [batch, seq] (true or non-zero for real tokens), and labels[2], optional, a loss mask [batch,
+// seq] marking the tokens to learn (a completion, the assistant's turns; package data makes
+// it). Position t is scored on predicting token t+1; the mean is over the pairs where both
+// tokens are real and token t+1 is to be learnt. The number of pairs is recorded for the
+// optimizer, so that gradient accumulation weighs each micro-batch by its tokens, as one batch
+// of them all would.
 func NextTokenLoss(labels, predictions []*graph.Node) *graph.Node {
 	logits := predictions[0]
 	ids := labels[0]
@@ -55,10 +60,32 @@ func NextTokenLoss(labels, predictions []*graph.Node) *graph.Node {
 		next := graph.Concatenate([]*graph.Node{graph.SliceAxis(mask, 1, graph.AxisRange(1)), graph.Zeros(g, shapes.Make(dtypes.Bool, batch, 1))}, 1)
 		valid = graph.LogicalAnd(valid, graph.LogicalAnd(mask, next))
 	}
+	if len(labels) > 2 && labels[2] != nil {
+		learn := toBool(labels[2])
+		next := graph.Concatenate([]*graph.Node{graph.SliceAxis(learn, 1, graph.AxisRange(1)), graph.Zeros(g, shapes.Make(dtypes.Bool, batch, 1))}, 1)
+		valid = graph.LogicalAnd(valid, next)
+	}
 	nll := tokenNLL(logits, targets)
 	weights := graph.ConvertDType(valid, nll.DType())
-	count := graph.Max(graph.ReduceAllSum(weights), graph.ScalarOne(g, nll.DType()))
+	pairs := graph.ReduceAllSum(weights)
+	recordLossWeight(g, pairs)
+	count := graph.Max(pairs, graph.ScalarOne(g, nll.DType()))
 	return graph.Div(graph.ReduceAllSum(graph.Mul(nll, weights)), count)
+}
+
+// lossWeights holds, per graph, the weight of its batch in the loss (NextTokenLoss's number of
+// scored pairs), which AdamW reads to accumulate gradients as one larger batch would.
+var lossWeights sync.Map // *graph.Graph → *graph.Node
+
+func recordLossWeight(g *graph.Graph, w *graph.Node) { lossWeights.Store(g, w) }
+
+// takeLossWeight returns and forgets the weight recorded for g (nil if none).
+func takeLossWeight(g *graph.Graph) *graph.Node {
+	w, ok := lossWeights.LoadAndDelete(g)
+	if !ok {
+		return nil
+	}
+	return w.(*graph.Node)
 }
 
 func toBool(x *graph.Node) *graph.Node {
@@ -101,6 +128,7 @@ func MultiTask(tasks ...Task) (LossFn, error) {
 				total = graph.Add(total, term)
 			}
 		}
+		takeLossWeight(total.Graph()) // a sum of task means has no one batch weight
 		return total
 	}, nil
 }

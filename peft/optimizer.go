@@ -92,6 +92,11 @@ type AdamW struct {
 	// ClipNorm clips the global gradient norm to this value; 0 disables clipping.
 	ClipNorm float64
 	Schedule Schedule
+	// Accumulate is the number of micro-batches whose gradients make one step (0 or 1: every
+	// batch is a step). Each micro-batch is weighted by its loss weight (NextTokenLoss's scored
+	// pairs; 1 for other losses), so the step is the one a batch of them all would make; the
+	// global step, the schedule and the moments advance once per step.
+	Accumulate int
 
 	// Variables returns the variables to train; called when the train graph is built.
 	Variables func() []TrainableVariable
@@ -101,6 +106,9 @@ type AdamW struct {
 
 // optimizerScope holds the optimizer's moments, apart from the model's variables.
 const optimizerScope = "peft_adamw"
+
+// accumulateScope holds the gradient sums of a step being accumulated (AdamW.Accumulate).
+const accumulateScope = "peft_adamw_accumulate"
 
 // skippedStepsName is the optimizer's int64 count of steps it skipped because the loss or the
 // gradient norm was not finite; the trainer stops when it grows.
@@ -119,16 +127,14 @@ func (o *AdamW) UpdateGraph(ctx *context.Context, g *graph.Graph, loss *graph.No
 		values[i] = tv.Variable.ValueGraph(g)
 	}
 	grads := graph.Gradient(loss, values...)
+	apply, lossFinite := graph.Const(g, true), graph.IsFinite(f32(loss))
+	if o.Accumulate > 1 {
+		grads, apply, lossFinite = o.accumulate(ctx, g, loss, vars, grads)
+	}
 	if o.Gradients != nil {
 		o.Gradients.ObserveGradients(ctx, g, vars, grads)
 	}
 
-	f32 := func(x *graph.Node) *graph.Node {
-		if x.DType() == dtypes.Float32 {
-			return x
-		}
-		return graph.ConvertDType(x, dtypes.Float32)
-	}
 	sumSquares := graph.Scalar(g, dtypes.Float32, 0)
 	for _, grad := range grads {
 		sumSquares = graph.Add(sumSquares, graph.ReduceAllSum(graph.Square(f32(grad))))
@@ -138,13 +144,21 @@ func (o *AdamW) UpdateGraph(ctx *context.Context, g *graph.Graph, loss *graph.No
 	if o.ClipNorm > 0 {
 		clipScale = graph.Min(clipScale, graph.Div(graph.Scalar(g, dtypes.Float32, o.ClipNorm), graph.AddScalar(norm, 1e-6)))
 	}
-	finite := graph.LogicalAnd(graph.IsFinite(f32(loss)), graph.IsFinite(norm))
+	finite := graph.LogicalAnd(lossFinite, graph.IsFinite(norm))
 	skippedVar := ctx.InAbsPath(context.ScopeSeparator+optimizerScope).Checked(false).
 		VariableWithValue(skippedStepsName, int64(0)).SetTrainable(false)
 	skipped := skippedVar.ValueGraph(g)
-	skippedVar.SetValueGraph(graph.Where(finite, skipped, graph.OnePlus(skipped)))
+	skippedVar.SetValueGraph(graph.Where(graph.LogicalAnd(apply, graph.LogicalNot(finite)), graph.OnePlus(skipped), skipped))
+	finite = graph.LogicalAnd(finite, apply) // the variables change only on a finite step's last micro-batch
 
 	step := optimizers.IncrementGlobalStepGraph(ctx, g, dtypes.Float32)
+	if o.Accumulate > 1 {
+		stepVar := optimizers.GetGlobalStepVar(ctx)
+		// Undo the increment on the micro-batches that do not end a step.
+		kept := graph.Sub(stepVar.ValueGraph(g), graph.ConvertDType(graph.LogicalNot(apply), dtypes.Int64))
+		stepVar.SetValueGraph(kept)
+		step = graph.ConvertDType(kept, dtypes.Float32)
+	}
 	lr := graph.MulScalar(o.Schedule.FactorGraph(step), o.LearningRate)
 	debias1 := graph.Reciprocal(graph.OneMinus(graph.Pow(graph.Scalar(g, dtypes.Float32, o.Beta1), step)))
 	debias2 := graph.Reciprocal(graph.OneMinus(graph.Pow(graph.Scalar(g, dtypes.Float32, o.Beta2), step)))
@@ -175,8 +189,51 @@ func (o *AdamW) UpdateGraph(ctx *context.Context, g *graph.Graph, loss *graph.No
 	}
 }
 
+// accumulate adds this micro-batch's gradients, weighted by its loss weight, to the running sums
+// and returns their weighted mean, whether this micro-batch ends the step, and whether every
+// loss of the step so far was finite. The sums restart after the step's last micro-batch.
+func (o *AdamW) accumulate(ctx *context.Context, g *graph.Graph, loss *graph.Node, vars []*context.Variable, grads []*graph.Node) (mean []*graph.Node, apply, lossFinite *graph.Node) {
+	scope := ctx.InAbsPath(context.ScopeSeparator + accumulateScope).Checked(false)
+	microVar := scope.VariableWithValue("micro_batches", int64(0)).SetTrainable(false)
+	weightVar := scope.VariableWithValue("weight", float32(0)).SetTrainable(false)
+	badVar := scope.VariableWithValue("non_finite_losses", int64(0)).SetTrainable(false)
+	w := takeLossWeight(g)
+	if w == nil {
+		w = graph.Scalar(g, dtypes.Float32, 1)
+	}
+	w = f32(w)
+	micro := graph.OnePlus(microVar.ValueGraph(g))
+	apply = graph.Equal(micro, graph.Scalar(g, dtypes.Int64, o.Accumulate))
+	bad := graph.Add(badVar.ValueGraph(g), graph.ConvertDType(graph.LogicalNot(graph.IsFinite(f32(loss))), dtypes.Int64))
+	weight := graph.Add(weightVar.ValueGraph(g), w)
+	denominator := graph.Max(weight, graph.Scalar(g, dtypes.Float32, 1e-30))
+	for i, v := range vars {
+		shape := shapes.Make(dtypes.Float32, v.Shape().Dimensions...)
+		sumVar := ctx.InAbsPath(context.ScopeSeparator+accumulateScope+v.Scope()).Checked(false).
+			VariableWithValue(v.Name()+"_grad", zerosTensor(shape)).SetTrainable(false)
+		sum := graph.Add(sumVar.ValueGraph(g), graph.Mul(f32(grads[i]), w))
+		mean = append(mean, graph.Div(sum, denominator))
+		sumVar.SetValueGraph(graph.Where(apply, graph.ZerosLike(sum), sum))
+	}
+	microVar.SetValueGraph(graph.Where(apply, graph.ZerosLike(micro), micro))
+	weightVar.SetValueGraph(graph.Where(apply, graph.ZerosLike(weight), weight))
+	badVar.SetValueGraph(graph.Where(apply, graph.ZerosLike(bad), bad))
+	return mean, apply, graph.Equal(bad, graph.ZerosLike(bad))
+}
+
+// f32 converts x to float32.
+func f32(x *graph.Node) *graph.Node {
+	if x.DType() == dtypes.Float32 {
+		return x
+	}
+	return graph.ConvertDType(x, dtypes.Float32)
+}
+
 // Clear deletes the optimizer's moments. It implements optimizers.Interface.
 func (o *AdamW) Clear(ctx *context.Context) error {
+	if err := ctx.InAbsPath(context.ScopeSeparator + accumulateScope).DeleteVariablesInScope(); err != nil {
+		return err
+	}
 	return ctx.InAbsPath(context.ScopeSeparator + optimizerScope).DeleteVariablesInScope()
 }
 

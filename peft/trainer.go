@@ -52,11 +52,18 @@ type TrainConfig struct {
 	WeightDecay float64
 	// ClipNorm clips the global gradient norm. Default 1.0; negative disables clipping.
 	ClipNorm float64
+	// GradAccum is the number of batches whose gradients make one step (see AdamW.Accumulate):
+	// a step on K batches of B rows equals one on a batch of K·B rows. Steps count steps, not
+	// batches. Default 1. Methods that watch gradients (AdaLoRA) need 1.
+	GradAccum int
 	// Loss is the task loss (CrossEntropy, NextTokenLoss, MultiTask, …). Required.
 	Loss LossFn
 	// Accuracy adds classification accuracy (argmax of predictions[0] against labels[0], shaped
 	// [batch, 1]) to evaluation.
 	Accuracy bool
+	// Seed seeds the random numbers of training (dropout): a model whose context has no
+	// random-number state yet gets one from it, so that runs repeat. Default 0.
+	Seed int64
 	// Progress mode. Default ProgressAuto.
 	Progress Progress
 	// LogEvery is the number of steps between log lines. Default Steps/10 (at least 1).
@@ -106,6 +113,12 @@ func (c TrainConfig) withDefaults() (TrainConfig, error) {
 	if c.ClipNorm == 0 {
 		c.ClipNorm = 1
 	}
+	if c.GradAccum == 0 {
+		c.GradAccum = 1
+	}
+	if c.GradAccum < 0 {
+		return c, fmt.Errorf("peft.TrainConfig: GradAccum must be ≥ 1, got %d", c.GradAccum)
+	}
 	if c.LogEvery <= 0 {
 		c.LogEvery = max(1, c.Steps/10)
 	}
@@ -134,6 +147,7 @@ type Trainer struct {
 	trainer      *train.Trainer
 	loop         *train.Loop
 	losses       []float64
+	microLosses  []float64 // the losses of the batches of the step being accumulated
 	stepDur      []time.Duration
 	skipped      int64 // steps the optimizer skipped for a non-finite gradient, as last seen
 }
@@ -193,9 +207,12 @@ func NewTrainer(model *Model, cfg TrainConfig) (*Trainer, error) {
 	opt := &AdamW{
 		LearningRate: cfg.LearningRate, Beta1: cfg.Beta1, Beta2: cfg.Beta2, Epsilon: cfg.Epsilon,
 		WeightDecay: cfg.WeightDecay, ClipNorm: max(cfg.ClipNorm, 0), Schedule: cfg.schedule(),
-		Variables: model.TrainableVariables,
+		Variables: model.TrainableVariables, Accumulate: cfg.GradAccum,
 	}
 	if hook, ok := model.method.(GradientHook); ok {
+		if cfg.GradAccum > 1 {
+			return nil, fmt.Errorf("peft.NewTrainer: method %s watches each step's gradients and trains with GradAccum 1, not %d: raise the batch size instead", model.method.Name(), cfg.GradAccum)
+		}
 		opt.Gradients = hook
 	}
 	var evalMetrics []metrics.Interface
@@ -204,6 +221,11 @@ func NewTrainer(model *Model, cfg TrainConfig) (*Trainer, error) {
 	}
 	t := &Trainer{model: model, cfg: cfg, graphVersion: model.graphVersion}
 	err = catch("peft.NewTrainer", func() error {
+		if model.ctx.GetVariableByScopeAndName(context.RootScope, context.RNGStateVariableName) == nil {
+			if err := model.ctx.SetRNGStateFromSeed(cfg.Seed); err != nil {
+				return err
+			}
+		}
 		t.trainer = train.NewTrainer(model.backend, model.ctx, model.Fn(), cfg.Loss, opt, nil, evalMetrics)
 		t.loop = train.NewLoop(t.trainer)
 		return nil
@@ -230,16 +252,26 @@ func (t *Trainer) attachProgress() {
 	}
 	var last time.Time
 	t.loop.OnStep("peft_record", 0, func(loop *train.Loop, m []*tensors.Tensor) error {
+		loss := scalarFloat(m[0])
+		if math.IsNaN(loss) || math.IsInf(loss, 0) {
+			step := t.Step() // counts the step this batch ends, else the one before it
+			if len(t.microLosses)+1 < t.cfg.GradAccum {
+				step++
+			}
+			return fmt.Errorf("training stopped at step %d: the loss is %v (the step was not applied)", step, loss)
+		}
+		t.microLosses = append(t.microLosses, loss)
+		if len(t.microLosses) < t.cfg.GradAccum {
+			return nil
+		}
+		loss = mean(t.microLosses)
+		t.microLosses = t.microLosses[:0]
 		now := time.Now()
 		if !last.IsZero() {
 			t.stepDur = append(t.stepDur, now.Sub(last))
 		}
 		last = now
-		loss := scalarFloat(m[0])
-		step := int(loop.LoopStep) + 1
-		if math.IsNaN(loss) || math.IsInf(loss, 0) {
-			return fmt.Errorf("training stopped at step %d: the loss is %v (the step was not applied)", step, loss)
-		}
+		step := t.Step()
 		if skipped := t.skippedSteps(); skipped > t.skipped {
 			t.skipped = skipped
 			return fmt.Errorf("training stopped at step %d: the gradient norm is not finite (the step was not applied)", step)
@@ -258,6 +290,24 @@ func (t *Trainer) attachProgress() {
 	if mode == ProgressBar {
 		commandline.AttachProgressBar(t.loop)
 	}
+}
+
+func mean(values []float64) float64 {
+	sum := 0.0
+	for _, v := range values {
+		sum += v
+	}
+	return sum / float64(len(values))
+}
+
+// Step is the number of optimizer steps the model has taken (GoMLX's global step).
+func (t *Trainer) Step() int {
+	step := 0
+	_ = catch("peft.Trainer.Step", func() error {
+		step = int(optimizers.GetGlobalStep(t.model.ctx))
+		return nil
+	})
+	return step
 }
 
 func scalarFloat(t *tensors.Tensor) float64 {
@@ -281,13 +331,13 @@ func (t *Trainer) Train(ds train.Dataset) ([]float64, error) {
 		return nil, fmt.Errorf("peft.Trainer.Train: the model is already at step %d of Steps %d: raise Steps to train more", step, t.cfg.Steps)
 	}
 	err := catch("peft.Trainer.Train", func() error {
-		_, err := t.loop.RunToGlobalStep(ds, t.cfg.Steps)
+		_, err := t.loop.RunSteps(ds, (t.cfg.Steps-t.Step())*t.cfg.GradAccum)
 		return err
 	})
 	return slices.Clone(t.losses), err
 }
 
-// TrainSteps runs n more steps on ds, past TrainConfig.Steps if need be (the schedule then
+// TrainSteps runs n more steps (n·GradAccum batches) on ds, past TrainConfig.Steps if need be (the schedule then
 // stays at its final value), and returns the loss of every step taken so far. Benchmarks use it
 // to time steps one by one.
 func (t *Trainer) TrainSteps(ds train.Dataset, n int) ([]float64, error) {
@@ -296,7 +346,7 @@ func (t *Trainer) TrainSteps(ds train.Dataset, n int) ([]float64, error) {
 	}
 	t.syncGraphs()
 	err := catch("peft.Trainer.TrainSteps", func() error {
-		_, err := t.loop.RunSteps(ds, n)
+		_, err := t.loop.RunSteps(ds, n*t.cfg.GradAccum)
 		return err
 	})
 	return slices.Clone(t.losses), err

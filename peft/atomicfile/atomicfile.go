@@ -48,3 +48,57 @@ func Write(path string, data []byte) (err error) {
 	}
 	return nil
 }
+
+// WriteDir replaces the folder dir with one that fill writes: fill gets a new folder beside dir
+// and writes every file into it; only when it returns without error is the folder renamed to
+// dir (an existing dir is moved aside first and then removed). A crash or error while filling
+// leaves dir as it was, and at worst a hidden ".<name>.tmp-*" folder beside it.
+func WriteDir(dir string, fill func(tmp string) error) (err error) {
+	parent, base := filepath.Split(filepath.Clean(dir))
+	if parent == "" {
+		parent = "."
+	}
+	if err := os.MkdirAll(parent, 0o755); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp(parent, "."+base+".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			os.RemoveAll(tmp)
+		}
+	}()
+	if err = os.Chmod(tmp, 0o755); err != nil {
+		return err
+	}
+	if err = fill(tmp); err != nil {
+		return err
+	}
+	if d, derr := os.Open(tmp); derr == nil {
+		_ = d.Sync()
+		d.Close()
+	}
+	var old string
+	if _, statErr := os.Stat(dir); statErr == nil {
+		old = filepath.Join(parent, "."+base+".old-"+filepath.Base(tmp)[len(base)+6:])
+		if err = os.Rename(dir, old); err != nil {
+			return err
+		}
+	}
+	if err = os.Rename(tmp, dir); err != nil {
+		if old != "" {
+			_ = os.Rename(old, dir)
+		}
+		return err
+	}
+	if old != "" {
+		_ = os.RemoveAll(old)
+	}
+	if d, derr := os.Open(parent); derr == nil {
+		_ = d.Sync()
+		d.Close()
+	}
+	return nil
+}

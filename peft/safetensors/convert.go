@@ -139,6 +139,8 @@ func (t *Tensor) ToGoMLX() (result *tensors.Tensor, err error) {
 		})
 	case I64:
 		return decodeInto(t, dtypes.Int64, n, func(i int) int64 { return int64(binary.LittleEndian.Uint64(d[8*i:])) })
+	case U64:
+		return decodeInto(t, dtypes.Uint64, n, func(i int) uint64 { return binary.LittleEndian.Uint64(d[8*i:]) })
 	case I32:
 		return decodeInto(t, dtypes.Int32, n, func(i int) int32 { return int32(binary.LittleEndian.Uint32(d[4*i:])) })
 	case I16:
@@ -183,7 +185,7 @@ func decodeInto[T dtypes.Supported](t *Tensor, dtype dtypes.DType, n int, at fun
 
 // FromGoMLX converts a GoMLX tensor to a safetensors Tensor of the same shape
 // and element type: float32 → F32, float64 → F64, bfloat16 → BF16, float16 →
-// F16, int64 → I64, int32 → I32, int16 → I16, int8 → I8, uint8 → U8, bool →
+// F16, int64 → I64, uint64 → U64, int32 → I32, int16 → I16, int8 → I8, uint8 → U8, bool →
 // BOOL. Other dtypes are an error. A tensor that lives only on a device is
 // copied to the host first.
 func FromGoMLX(name string, t *tensors.Tensor) (result Tensor, err error) {
@@ -222,6 +224,9 @@ func FromGoMLX(name string, t *tensors.Tensor) (result Tensor, err error) {
 	case dtypes.Int64:
 		out.DType = I64
 		err = encodeFrom(t, &out, 8, func(b []byte, v int64) { binary.LittleEndian.PutUint64(b, uint64(v)) })
+	case dtypes.Uint64:
+		out.DType = U64
+		err = encodeFrom(t, &out, 8, func(b []byte, v uint64) { binary.LittleEndian.PutUint64(b, v) })
 	case dtypes.Int32:
 		out.DType = I32
 		err = encodeFrom(t, &out, 4, func(b []byte, v int32) { binary.LittleEndian.PutUint32(b, uint32(v)) })

@@ -43,6 +43,7 @@ const (
 	BF16 DType = "BF16" // bfloat16 (the top 16 bits of a binary32)
 	F64  DType = "F64"  // IEEE 754 binary64
 	I64  DType = "I64"  // signed 64-bit integer
+	U64  DType = "U64"  // unsigned 64-bit integer (random-number states)
 	I32  DType = "I32"  // signed 32-bit integer
 	I16  DType = "I16"  // signed 16-bit integer
 	I8   DType = "I8"   // signed 8-bit integer
@@ -60,7 +61,7 @@ const metadataKey = "__metadata__"
 // Size returns the number of bytes of one element, or 0 for an unknown dtype.
 func (d DType) Size() int {
 	switch d {
-	case F64, I64:
+	case F64, I64, U64:
 		return 8
 	case F32, I32:
 		return 4
