@@ -185,4 +185,3 @@ func (s *Stream) Yield() (spec any, inputs, labels []*tensors.Tensor, err error)
 	s.next++
 	return nil, b.Inputs, b.Labels, nil
 }
-
