@@ -95,6 +95,27 @@ func TestNextTokenLoss(t *testing.T) {
 			[]*graph.Node{graph.Const(g, two)})
 	})
 	require.InDelta(t, (nll[0]+nll[1]+nll[2]+nll[2])/4, got, 1e-6)
+
+	// A loss mask (labels[2]) marks the tokens to learn: a pair is scored when token t+1 is
+	// marked (and both are real); the first token is never a target.
+	for _, tc := range []struct {
+		name string
+		mask [][]int32
+		want float64
+	}{
+		{"completion: tokens 2 and 3", [][]int32{{0, 0, 1, 1}}, (nll[1] + nll[2]) / 2},
+		{"last token only", [][]int32{{0, 0, 0, 1}}, nll[2]},
+		{"first token marked: it has no pair", [][]int32{{1, 0, 0, 0}}, 0},
+		{"all", [][]int32{{1, 1, 1, 1}}, (nll[0] + nll[1] + nll[2]) / 3},
+	} {
+		t.Run("loss mask/"+tc.name, func(t *testing.T) {
+			got := scalar(t, nil, func(_ *context.Context, g *graph.Graph) *graph.Node {
+				return peft.NextTokenLoss([]*graph.Node{graph.Const(g, ids), graph.Const(g, [][]int32{{1, 1, 1, 1}}), graph.Const(g, tc.mask)},
+					[]*graph.Node{graph.Const(g, logits)})
+			})
+			require.InDelta(t, tc.want, got, 1e-6)
+		})
+	}
 }
 
 // sumLoss is a toy loss: the sum of predictions[0] times the sum of labels[0].

@@ -15,6 +15,7 @@ import (
 	"github.com/gomlx/gomlx/pkg/ml/train/metrics"
 	"github.com/gomlx/gomlx/pkg/ml/train/optimizers"
 	"github.com/gomlx/gomlx/ui/commandline"
+	"golang.org/x/term"
 
 	"peft/peft/gemmgrad"
 )
@@ -237,10 +238,9 @@ func NewTrainer(model *Model, cfg TrainConfig) (*Trainer, error) {
 	return t, nil
 }
 
-func isTerminal(f *os.File) bool {
-	info, err := f.Stat()
-	return err == nil && info.Mode()&os.ModeCharDevice != 0
-}
+// isTerminal reports whether f is a terminal (not merely a character device: /dev/null is one,
+// and a progress bar there would stall a background run).
+func isTerminal(f *os.File) bool { return term.IsTerminal(int(f.Fd())) }
 
 func (t *Trainer) attachProgress() {
 	mode := t.cfg.Progress

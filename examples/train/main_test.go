@@ -1,0 +1,194 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"peft/peft"
+	"peft/peft/safetensors"
+)
+
+// TestMain lets a test run the command in a child process: the test binary re-executed with
+// TRAIN_AS_COMMAND=1 runs main with the arguments after "--".
+func TestMain(m *testing.M) {
+	if os.Getenv("TRAIN_AS_COMMAND") == "1" {
+		for i, a := range os.Args {
+			if a == "--" {
+				os.Args = append([]string{"train"}, os.Args[i+1:]...)
+				break
+			}
+		}
+		flag.CommandLine = flag.NewFlagSet("train", flag.ExitOnError)
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// command returns the command line run in a child process.
+func command(args ...string) *exec.Cmd {
+	cmd := exec.Command(os.Args[0], append([]string{"-test.run=^$", "--"}, args...)...)
+	cmd.Env = append(os.Environ(), "TRAIN_AS_COMMAND=1")
+	return cmd
+}
+
+func baseOptions(out string) options {
+	return options{Data: "testdata", Method: "lora", Out: out, Steps: 8, Batch: 4, Seq: 48, LR: 1e-2, Warmup: -1,
+		GradAccum: 1, EvalEvery: 4, ValidShare: 0.1, Rank: 4, VirtualTokens: 4}
+}
+
+// A short run on the example dataset writes everything the command promises, and its
+// validation loss falls.
+func TestTrainWritesTheRun(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "run")
+	var log bytes.Buffer
+	o := baseOptions(out)
+	o.output = &log
+	res, err := run(o)
+	require.NoError(t, err, log.String())
+	require.Equal(t, "lora", res.Method)
+	require.Equal(t, 8, res.Steps)
+	require.Equal(t, int64(4480), res.TrainableParams) // rank 4 on q_proj and v_proj of 5 layers: 5·2·4·(64+64)
+	require.Less(t, res.ValidLossAfter, res.ValidLossBefore-0.5)
+	for _, f := range []string{peft.AdapterConfigFile, peft.AdapterWeightsFile, "loss.png", "log.jsonl",
+		"best/" + peft.AdapterWeightsFile, "checkpoint-4/" + peft.TrainerStateFile, "checkpoint-8/" + peft.TrainerTensorsFile} {
+		require.FileExists(t, filepath.Join(out, f))
+	}
+	logLines := strings.Split(strings.TrimSpace(readFile(t, filepath.Join(out, "log.jsonl"))), "\n")
+	require.Len(t, logLines, 2)
+	var last evalPoint
+	require.NoError(t, json.Unmarshal([]byte(logLines[1]), &last))
+	require.Equal(t, 8, last.Step)
+	require.Equal(t, res.ValidLossAfter, last.ValidLoss)
+	require.Contains(t, log.String(), "320 records → 320 examples")
+	require.Contains(t, log.String(), "step 8/8")
+
+	// Every method trains on the same data.
+	for _, method := range []string{"qlora", "adalora", "adapter", "prompt-tuning", "full"} {
+		t.Run(method, func(t *testing.T) {
+			o := baseOptions(filepath.Join(t.TempDir(), method))
+			o.Method, o.Steps, o.EvalEvery = method, 2, 2
+			o.LR = map[string]float64{"full": 1e-3, "prompt-tuning": 3e-2}[method]
+			if o.LR == 0 {
+				o.LR = 1e-2
+			}
+			res, err := run(o)
+			require.NoError(t, err)
+			require.Less(t, res.ValidLossAfter, res.ValidLossBefore)
+		})
+	}
+}
+
+// A run killed at any moment and resumed with the same command line ends with the same adapter,
+// tensor for tensor, as the run never interrupted; a resumed run with other settings is refused.
+func TestResumeAfterKill(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs the command three times in child processes")
+	}
+	dir := t.TempDir()
+	args := func(out string) []string {
+		return []string{"-data", "testdata", "-method", "lora", "-steps", "12", "-eval-every", "3", "-batch", "4", "-seq", "48",
+			"-lr", "1e-2", "-dropout", "0.1", "-grad-accum", "2", "-out", out, "-resume"}
+	}
+	whole := filepath.Join(dir, "whole")
+	outWhole, err := command(args(whole)...).CombinedOutput()
+	require.NoError(t, err, string(outWhole))
+
+	killed := filepath.Join(dir, "killed")
+	cmd := command(args(killed)...)
+	var killedOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &killedOut, &killedOut
+	require.NoError(t, cmd.Start())
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		_, err := os.Stat(filepath.Join(killed, "checkpoint-6", peft.TrainerStateFile))
+		if err == nil {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "no checkpoint-6 after 2 minutes: %s", killedOut.String())
+		time.Sleep(10 * time.Millisecond)
+	}
+	require.NoError(t, cmd.Process.Kill())
+	_ = cmd.Wait()
+	_, err = os.Stat(filepath.Join(killed, peft.AdapterWeightsFile))
+	require.ErrorIs(t, err, os.ErrNotExist, "the run was killed before it finished")
+
+	resumed, err := command(args(killed)...).CombinedOutput()
+	require.NoError(t, err, string(resumed))
+	require.Contains(t, string(resumed), "resumed from")
+	want, got := readTensors(t, whole), readTensors(t, killed)
+	require.Len(t, got, len(want))
+	for name, w := range want {
+		require.Equal(t, w, got[name], name)
+	}
+
+	other := append(args(killed), "-lr", "2e-2")
+	refused, err := command(other...).CombinedOutput()
+	require.Error(t, err)
+	require.Contains(t, string(refused), "was made by another run: it has -lr 0.01, this command 0.02")
+}
+
+func readTensors(t *testing.T, dir string) map[string][]byte {
+	t.Helper()
+	f, err := safetensors.Read(filepath.Join(dir, peft.AdapterWeightsFile))
+	require.NoError(t, err)
+	out := map[string][]byte{}
+	for _, tensor := range f.Tensors {
+		out[tensor.Name] = tensor.Data
+	}
+	return out
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	require.NoError(t, err)
+	return string(data)
+}
+
+// -patience stops the run after that many validations without improvement, and the last
+// checkpoint is the step it stopped at.
+func TestEarlyStopping(t *testing.T) {
+	o := baseOptions(filepath.Join(t.TempDir(), "run"))
+	o.Steps, o.EvalEvery, o.Patience, o.LR = 10, 1, 2, 1e-9 // too small a rate to change the loss
+	res, err := run(o)
+	require.NoError(t, err)
+	require.True(t, res.StoppedEarly)
+	require.Equal(t, 1, res.BestStep)
+	require.DirExists(t, filepath.Join(o.Out, "checkpoint-3"))
+	require.NoDirExists(t, filepath.Join(o.Out, "checkpoint-4"))
+	require.FileExists(t, filepath.Join(o.Out, peft.AdapterWeightsFile))
+}
+
+// Bad command lines and data are errors that say what is wrong.
+func TestErrors(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.jsonl")
+	require.NoError(t, os.WriteFile(bad, []byte(`{"prompt": "a", "completion": "b"}`+"\n"+`{"prompt": "a"}`+"\n"), 0o644))
+	for _, tc := range []struct {
+		name   string
+		mutate func(*options)
+		want   string
+	}{
+		{"no data", func(o *options) { o.Data = "" }, "-data is required"},
+		{"unknown method", func(o *options) { o.Method = "dora" }, `-method "dora": want lora, qlora`},
+		{"bad line", func(o *options) { o.Data = bad }, `bad.jsonl:2: a prompt/completion record without "completion"`},
+		{"too few records to split", func(o *options) { o.Data = filepath.Join("testdata", "valid.jsonl"); o.ValidShare = 0.01 }, "holds out 0 of them"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := baseOptions(filepath.Join(dir, tc.name))
+			tc.mutate(&o)
+			_, err := run(o)
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+}
