@@ -16,7 +16,7 @@ import (
 	"peft/peft/tokenizer"
 )
 
-func storiesTokenizer(t *testing.T) *tokenizer.Tokenizer {
+func storiesTokenizer(t testing.TB) *tokenizer.Tokenizer {
 	t.Helper()
 	tok, err := tokenizer.Load(filepath.Join("..", "stories260k", "testdata", "stories260K"))
 	require.NoError(t, err)
@@ -58,10 +58,24 @@ func TestFormsAndLossMasks(t *testing.T) {
 		ex, _, err := data.Tokenize(parse(t, `{"prompt": "Once upon a time", "completion": " there was a girl"}`), tok, data.Options{SeqLen: 64, EOS: eos})
 		require.NoError(t, err)
 		prompt := tok.Encode("Once upon a time")
-		completion := append(tok.EncodeNoSpecial(" there was a girl"), eos)
-		require.Equal(t, ints(append(slices.Clone(prompt), completion...)), ex[0].IDs)
-		require.Equal(t, append(slices.Repeat([]bool{false}, len(prompt)), slices.Repeat([]bool{true}, len(completion))...), ex[0].Loss)
-		require.Equal(t, " there was a girl", tok.Decode(completion, true))
+		whole := append(tok.Encode("Once upon a time there was a girl"), eos)
+		require.Equal(t, prompt, whole[:len(prompt)])
+		require.Equal(t, ints(whole), ex[0].IDs)
+		require.Equal(t, append(slices.Repeat([]bool{false}, len(prompt)), slices.Repeat([]bool{true}, len(whole)-len(prompt))...), ex[0].Loss)
+		require.Equal(t, "there was a girl", tok.Decode(whole[len(prompt):], true))
+
+		// A prompt whose last token merges with the completion's first: the merged token is learnt.
+		ex, stats, err := data.Tokenize(parse(t, `{"prompt": "Once upon a ti", "completion": "me there was"}`), tok, data.Options{SeqLen: 64, EOS: eos})
+		require.NoError(t, err)
+		require.Equal(t, 1, stats.Merged)
+		require.Contains(t, stats.String(), "1 prompts whose last token merges into the completion")
+		learnt := []int{}
+		for i, l := range ex[0].Loss {
+			if l {
+				learnt = append(learnt, int(ex[0].IDs[i]))
+			}
+		}
+		require.Equal(t, "time there was", tok.Decode(learnt, true))
 	})
 
 	t.Run("chat", func(t *testing.T) {

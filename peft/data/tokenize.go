@@ -47,6 +47,10 @@ type Stats struct {
 	Truncated, Split int
 	// FirstTruncated is the line of the first truncated record (0 if none).
 	FirstTruncated int
+	// Merged counts prompt/completion records whose prompt's last token merges with the
+	// completion's first when tokenized together (end the prompt with a space or newline, or
+	// start the completion with one, to keep them apart).
+	Merged int
 }
 
 // String reports the counts on one line.
@@ -54,6 +58,9 @@ func (s Stats) String() string {
 	out := fmt.Sprintf("%d records → %d examples, %d tokens (%d in the loss)", s.Records, s.Examples, s.Tokens, s.LossTokens)
 	if s.Split > 0 {
 		out += fmt.Sprintf(", %d long texts split", s.Split)
+	}
+	if s.Merged > 0 {
+		out += fmt.Sprintf(", %d prompts whose last token merges into the completion", s.Merged)
 	}
 	if s.Truncated > 0 {
 		out += fmt.Sprintf(", %d examples truncated at the row length (first: line %d)", s.Truncated, s.FirstTruncated)
@@ -65,8 +72,10 @@ func (s Stats) String() string {
 //   - Text: Encode(text) and EOS, all in the loss; a text longer than SeqLen is split into
 //     windows of SeqLen (Stats.Split), each learnt from its own start (a last token alone keeps
 //     the one before it as context).
-//   - PromptCompletion: Encode(prompt) then EncodeNoSpecial(completion) and EOS (the two
-//     tokenized apart, as TRL does), the loss on the completion and EOS.
+//   - PromptCompletion: Encode(prompt + completion) and EOS, tokenized together as the model will
+//     read them when it continues the prompt (as TRL does), the loss on the tokens after those
+//     the prompt alone tokenizes to: the completion and EOS. Where the prompt's last token
+//     merges with the completion's first, the merged token is learnt too (Stats.Merged).
 //   - Chat: opts.Template's rendering, tokenized as the template writes it (chat.Rendered.Encode),
 //     the loss on the assistant turns and their end-of-turn tokens.
 //
@@ -108,9 +117,15 @@ func Tokenize(f *File, tok Tokenizer, opts Options) ([]Example, Stats, error) {
 			}
 		case PromptCompletion:
 			prompt := tok.Encode(rec.Prompt)
-			completion := eos(tok.EncodeNoSpecial(rec.Completion))
-			ids = append(prompt, completion...)
-			loss = append(repeat(false, len(prompt)), repeat(true, len(completion))...)
+			ids = eos(tok.Encode(rec.Prompt + rec.Completion))
+			shared := 0
+			for shared < min(len(prompt), len(ids)) && prompt[shared] == ids[shared] {
+				shared++
+			}
+			if shared < len(prompt) {
+				stats.Merged++
+			}
+			loss = append(repeat(false, shared), repeat(true, len(ids)-shared)...)
 		case Chat:
 			r, err := opts.Template.RenderSpans(rec.Messages, chat.Options{})
 			if err != nil {
