@@ -172,6 +172,12 @@ func TestEarlyStopping(t *testing.T) {
 // Bad command lines and data are errors that say what is wrong.
 func TestErrors(t *testing.T) {
 	dir := t.TempDir()
+	chatData := filepath.Join(dir, "chat.jsonl")
+	var lines string
+	for range 20 {
+		lines += `{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}` + "\n"
+	}
+	require.NoError(t, os.WriteFile(chatData, []byte(lines), 0o644))
 	bad := filepath.Join(dir, "bad.jsonl")
 	require.NoError(t, os.WriteFile(bad, []byte(`{"prompt": "a", "completion": "b"}`+"\n"+`{"prompt": "a"}`+"\n"), 0o644))
 	for _, tc := range []struct {
@@ -182,6 +188,7 @@ func TestErrors(t *testing.T) {
 		{"no data", func(o *options) { o.Data = "" }, "-data is required"},
 		{"unknown method", func(o *options) { o.Method = "dora" }, `-method "dora": want lora, qlora`},
 		{"bad line", func(o *options) { o.Data = bad }, `bad.jsonl:2: a prompt/completion record without "completion"`},
+		{"chat data, no template", func(o *options) { o.Data = chatData }, "holds chat records and the model has no chat template"},
 		{"too few records to split", func(o *options) { o.Data = filepath.Join("testdata", "valid.jsonl"); o.ValidShare = 0.01 }, "holds out 0 of them"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -191,4 +198,27 @@ func TestErrors(t *testing.T) {
 			require.ErrorContains(t, err, tc.want)
 		})
 	}
+}
+
+// -forgetting reports the loss on general text before and after: full fine-tuning at a high rate
+// on the colour questions costs more of it than LoRA does.
+func TestForgettingReport(t *testing.T) {
+	dir := t.TempDir()
+	general := filepath.Join(dir, "general.jsonl")
+	require.NoError(t, os.WriteFile(general, []byte(`{"text": "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."}`+"\n"+
+		`{"text": "One day, Tom went to the store with his mom. He wanted to buy a big red ball."}`+"\n"), 0o644))
+	cost := map[string]float64{}
+	for _, method := range []string{"lora", "full"} {
+		o := baseOptions(filepath.Join(dir, method))
+		o.Method, o.Forgetting, o.Steps = method, general, 12
+		o.LR = map[string]float64{"lora": 1e-2, "full": 1e-2}[method]
+		res, err := run(o)
+		require.NoError(t, err)
+		require.NotNil(t, res.ForgettingBefore)
+		require.NotNil(t, res.ForgettingAfter)
+		cost[method] = *res.ForgettingAfter - *res.ForgettingBefore
+	}
+	t.Logf("loss on general text rose by %.3f with LoRA, %.3f with full fine-tuning", cost["lora"], cost["full"])
+	require.Greater(t, cost["full"], cost["lora"])
+	require.Greater(t, cost["full"], 0.0)
 }
