@@ -17,6 +17,7 @@ import (
 	"github.com/gomlx/gomlx/pkg/core/tensors"
 	"github.com/gomlx/gomlx/pkg/ml/context"
 
+	"peft/peft/atomicfile"
 	"peft/peft/safetensors"
 )
 
@@ -497,6 +498,10 @@ func FindAdapter(dir, name string) (string, Format, error) {
 }
 
 func folderFormat(dir string) (Format, bool) {
+	// A save cut short after its commit is completed first (atomicfile.WriteFiles); if that
+	// cannot be done here (a read-only folder), the files are read as they are and the
+	// configuration's pin on its tensors catches a mix.
+	_ = atomicfile.Finish(dir)
 	if info, err := os.Stat(filepath.Join(dir, AdapterConfigFile)); err == nil && !info.IsDir() {
 		return FormatPEFT, true
 	}

@@ -87,9 +87,10 @@ func (m *Model) savedBase() *savedBase {
 // Hugging Face model folder (model.safetensors with Hugging Face names, and the base model's
 // config.json when known) that transformers loads; bottleneck adapters as peft_state.safetensors.
 //
-// Each file is written to a temporary file and renamed into place, the tensors first and the
-// configuration last, and the configuration pins the tensors it belongs to, so Load detects a save
-// interrupted between the two.
+// The folder's files are replaced as one change (atomicfile.WriteFiles): a save killed at any
+// instant leaves the previous save or the new one, and Load completes a save that was cut short
+// after its commit. The configuration also pins the tensors it belongs to, so a folder mixed by
+// other means is detected.
 func (m *Model) Save(dir string) error {
 	if m.method == nil {
 		return errors.New("peft.Model.Save: the model has no method to save")
@@ -146,16 +147,8 @@ func (m *Model) savePEFT(dir string, f PEFTFormat, cfgJSON []byte) error {
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
-	}
-	if err := atomicfile.Write(filepath.Join(dir, AdapterWeightsFile), weights); err != nil {
-		return err
-	}
-	if err := atomicfile.Write(filepath.Join(dir, AdapterConfigFile), adapterConfig); err != nil {
-		return err
-	}
-	return removeStale(dir, ConfigFile, StateFile)
+	return atomicfile.WriteFiles(dir, []atomicfile.File{{Name: AdapterWeightsFile, Data: weights}, {Name: AdapterConfigFile, Data: adapterConfig}},
+		ConfigFile, StateFile) // the other layout's files, from an earlier save
 }
 
 func (m *Model) saveOwn(dir string, cfgJSON []byte) error {
@@ -190,20 +183,13 @@ func (m *Model) saveOwn(dir string, cfgJSON []byte) error {
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
-	}
 	stateFile := StateFile
 	if saved.StateFile != "" {
 		stateFile = saved.StateFile
 	}
-	if err := atomicfile.Write(filepath.Join(dir, stateFile), state); err != nil {
-		return err
-	}
+	files := []atomicfile.File{{Name: stateFile, Data: state}}
 	if base := BaseModelOf(m.ctx); whole && len(base.Config) > 0 {
-		if err := atomicfile.Write(filepath.Join(dir, ModelConfigFile), base.Config); err != nil {
-			return err
-		}
+		files = append(files, atomicfile.File{Name: ModelConfigFile, Data: base.Config})
 	}
 	hash := sha256.Sum256(state)
 	saved.StateSHA256 = hex.EncodeToString(hash[:])
@@ -211,10 +197,8 @@ func (m *Model) saveOwn(dir string, cfgJSON []byte) error {
 	if err != nil {
 		return err
 	}
-	if err := atomicfile.Write(filepath.Join(dir, ConfigFile), append(data, '\n')); err != nil {
-		return err
-	}
-	return removeStale(dir, AdapterConfigFile, AdapterWeightsFile)
+	files = append(files, atomicfile.File{Name: ConfigFile, Data: append(data, '\n')})
+	return atomicfile.WriteFiles(dir, files, AdapterConfigFile, AdapterWeightsFile) // the PEFT layout's, from an earlier save
 }
 
 // stateIsBase reports whether the state is exactly the base model's variables: the state is then
@@ -233,17 +217,6 @@ func (m *Model) stateIsBase(vars []*context.Variable) bool {
 		}
 	}
 	return true
-}
-
-// removeStale deletes the files of the other layout that an earlier save left in dir, so the
-// folder holds one adapter.
-func removeStale(dir string, names ...string) error {
-	for _, name := range names {
-		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return err
-		}
-	}
-	return nil
 }
 
 func nilIfEmpty(s string) any {

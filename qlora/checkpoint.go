@@ -6,9 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"math"
-	"os"
 	"path"
-	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
@@ -127,8 +125,8 @@ func weightFiles(fsys fs.FS) ([]string, error) {
 // ("quant_method": "bitsandbytes", "load_in_4bit": true, the quant type, double quantization and
 // compute dtype; linear layers left in full precision are listed in llm_int8_skip_modules). The
 // adapter is not included (save it with m.Save); after a requantized merge the merged weights
-// are written. Files named in copyFiles are copied from from (tokenizer files, say). Each file is
-// written atomically, the weights before config.json.
+// are written. Files named in copyFiles are copied from from (tokenizer files, say). The files
+// are replaced as one change (atomicfile.WriteFiles).
 func SaveQuantized(dir string, cfg peft.HFModelConfig, m *peft.Model, from fs.FS, copyFiles ...string) error {
 	q, ok := m.Method().(*QLoRA)
 	if !ok {
@@ -176,25 +174,19 @@ func SaveQuantized(dir string, cfg peft.HFModelConfig, m *peft.Model, from fs.FS
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	files, err := atomicfile.ReadFiles(from, copyFiles...)
+	if err != nil {
 		return fmt.Errorf("qlora.SaveQuantized: %w", err)
 	}
-	for _, name := range copyFiles {
-		if from == nil {
-			break
-		}
-		data, err := fs.ReadFile(from, name)
-		if err != nil {
-			return fmt.Errorf("qlora.SaveQuantized: %w", err)
-		}
-		if err := atomicfile.Write(filepath.Join(dir, name), data); err != nil {
-			return fmt.Errorf("qlora.SaveQuantized: %w", err)
-		}
-	}
-	if err := safetensors.Write(filepath.Join(dir, "model.safetensors"), out, map[string]string{"format": "pt"}); err != nil {
+	weights, err := safetensors.Encode(out, map[string]string{"format": "pt"})
+	if err != nil {
 		return fmt.Errorf("qlora.SaveQuantized: %w", err)
 	}
-	return atomicfile.Write(filepath.Join(dir, "config.json"), configJSON)
+	files = append(files, atomicfile.File{Name: "model.safetensors", Data: weights}, atomicfile.File{Name: "config.json", Data: configJSON})
+	if err := atomicfile.WriteFiles(dir, files); err != nil {
+		return fmt.Errorf("qlora.SaveQuantized: %w", err)
+	}
+	return nil
 }
 
 // quantFor returns the quantized layer whose float32 weights v was, or nil.

@@ -8,7 +8,6 @@ import (
 	"io/fs"
 	"os"
 	"path"
-	"path/filepath"
 	"reflect"
 	"slices"
 	"sort"
@@ -271,6 +270,7 @@ func hfTensors(cfg Config) []hfTensor {
 // are overwritten. The folder and its config.json are recorded as the context's base model
 // (peft.SetBaseModel), which saved adapters name; LoadPretrainedFS records no name.
 func LoadPretrained(ctx *context.Context, dir string) (Config, error) {
+	_ = atomicfile.Finish(dir) // complete a SaveHF cut short after its commit, where the folder is writable
 	cfg, err := LoadPretrainedFS(ctx, os.DirFS(dir))
 	if err == nil {
 		peft.NameBaseModel(ctx, dir)
@@ -393,8 +393,9 @@ func readWeights(fsys fs.FS) (map[string]*safetensors.Tensor, error) {
 // SaveHF writes the model in ctx as a standard Hugging Face folder of its family that this package and
 // Hugging Face transformers load: config.json and model.safetensors (Hugging Face names, [out,
 // in] layout, F32). Files named in copyFiles (such as tokenizer.json) are copied from from
-// (such as the base model's folder, os.DirFS(dir)), when it is not nil. Each file is written
-// atomically. Use it after peft.Model.Merge to export a fine-tuned model: a model applied to ctx
+// (such as the base model's folder, os.DirFS(dir)), when it is not nil. The files are replaced as
+// one change (atomicfile.WriteFiles): a save killed at any instant leaves the old model or the
+// new one. Use it after peft.Model.Merge to export a fine-tuned model: a model applied to ctx
 // whose fine-tune lives outside the base weights (an unmerged LoRA, adapters, prompt tuning) is
 // an error (peft.CheckExport), as the written model would silently lack it.
 func SaveHF(dir string, cfg Config, ctx *context.Context, from fs.FS, copyFiles ...string) error {
@@ -422,29 +423,23 @@ func SaveHF(dir string, cfg Config, ctx *context.Context, from fs.FS, copyFiles 
 		}
 		out = append(out, safetensors.FromFloat32(t.name, t.dims, values))
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
+	files, err := atomicfile.ReadFiles(from, copyFiles...)
+	if err != nil {
+		return fmt.Errorf("llama.SaveHF: %w", err)
 	}
-	for _, name := range copyFiles {
-		if from == nil {
-			break
-		}
-		data, err := fs.ReadFile(from, name)
-		if err != nil {
-			return fmt.Errorf("llama.SaveHF: %w", err)
-		}
-		if err := atomicfile.Write(filepath.Join(dir, name), data); err != nil {
-			return fmt.Errorf("llama.SaveHF: %w", err)
-		}
-	}
-	if err := safetensors.Write(filepath.Join(dir, "model.safetensors"), out, map[string]string{"format": "pt"}); err != nil {
+	weights, err := safetensors.Encode(out, map[string]string{"format": "pt"})
+	if err != nil {
 		return fmt.Errorf("llama.SaveHF: %w", err)
 	}
 	data, err := hfConfigJSON(cfg)
 	if err != nil {
 		return err
 	}
-	return atomicfile.Write(filepath.Join(dir, "config.json"), data)
+	files = append(files, atomicfile.File{Name: "model.safetensors", Data: weights}, atomicfile.File{Name: "config.json", Data: data})
+	if err := atomicfile.WriteFiles(dir, files); err != nil {
+		return fmt.Errorf("llama.SaveHF: %w", err)
+	}
+	return nil
 }
 
 // HFConfig returns the fields of the config.json of a model with configuration c, as SaveHF
