@@ -15,6 +15,7 @@ import (
 	"strings"
 
 	"github.com/gomlx/gomlx/pkg/ml/context"
+	"github.com/gomlx/gopjrt/dtypes"
 
 	"peft/peft"
 	"peft/peft/atomicfile"
@@ -326,6 +327,14 @@ func LoadPretrainedFS(ctx *context.Context, fsys fs.FS) (Config, error) {
 		sort.Strings(unexpected)
 		return Config{}, fmt.Errorf("llama: unexpected tensors in the checkpoint (is it a Llama model?): %s", strings.Join(unexpected, ", "))
 	}
+	// A context that already holds the model must take every tensor, or it is left unchanged.
+	for _, t := range expected {
+		if existing := ctx.GetVariableByScopeAndName(t.scope, t.variable); existing != nil &&
+			(existing.Shape().DType != dtypes.Float32 || !slices.Equal(existing.Shape().Dimensions, hfVariableDims(t))) {
+			return Config{}, fmt.Errorf("llama: the context already holds %s as %s, the checkpoint's %s is %v: load into a new context",
+				existing.ScopeAndName(), existing.Shape(), t.name, hfVariableDims(t))
+		}
+	}
 	for _, t := range expected {
 		v := values[t.name]
 		dims := t.dims
@@ -343,6 +352,37 @@ func LoadPretrainedFS(ctx *context.Context, fsys fs.FS) (Config, error) {
 	}
 	peft.SetBaseModel(ctx, peft.BaseModel{Config: data})
 	return cfg, nil
+}
+
+// checkInFolder refuses a weight file that is not a regular file of the folder: a device (a
+// symlink to /dev/zero would be read without end) or a symlink that leads out of the folder,
+// except into a Hugging Face cache's blobs (its snapshots/<revision>/ folders link each file to
+// ../../blobs/<hash>).
+func checkInFolder(fsys fs.FS, name string) error {
+	info, err := fs.Lstat(fsys, name)
+	if err != nil {
+		if errors.Is(err, errors.ErrUnsupported) {
+			return nil // a file system without links (an embedded one)
+		}
+		return fmt.Errorf("llama: no weights: %w", err)
+	}
+	if info.Mode()&fs.ModeSymlink != 0 {
+		target, err := fs.ReadLink(fsys, name)
+		if err != nil {
+			return fmt.Errorf("llama: %s: %w", name, err)
+		}
+		inCache := strings.HasPrefix(target, "../../blobs/") && fs.ValidPath(strings.TrimPrefix(target, "../../")) && path.Dir(name) == "."
+		if !inCache && (path.IsAbs(target) || !fs.ValidPath(path.Join(path.Dir(name), target))) {
+			return fmt.Errorf("llama: %s is a symbolic link out of the model folder (to %s)", name, target)
+		}
+		if info, err = fs.Stat(fsys, name); err != nil {
+			return fmt.Errorf("llama: %s: %w", name, err)
+		}
+	}
+	if !info.Mode().IsRegular() {
+		return fmt.Errorf("llama: %s is not a regular file (%s)", name, info.Mode())
+	}
+	return nil
 }
 
 // readWeights reads model.safetensors, or the shards model.safetensors.index.json lists.
@@ -371,6 +411,9 @@ func readWeights(fsys fs.FS) (map[string]*safetensors.Tensor, error) {
 	}
 	found := map[string]*safetensors.Tensor{}
 	for _, file := range files {
+		if err := checkInFolder(fsys, file); err != nil {
+			return nil, err
+		}
 		data, err := fs.ReadFile(fsys, file)
 		if err != nil {
 			return nil, fmt.Errorf("llama: no weights: %w", err)

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"io/fs"
+	"os"
+	"path/filepath"
 	"testing"
 	"testing/fstest"
 
@@ -84,6 +86,14 @@ func TestLoadPretrainedErrors(t *testing.T) {
 			c["model_type"], c["architectures"] = "qwen2", []string{"Qwen2ForCausalLM"}
 			return c, ts
 		}, []string{"model.layers.0.self_attn.q_proj.bias is missing"}},
+		{"a million layers", func(c map[string]any, ts []safetensors.Tensor) (map[string]any, []safetensors.Tensor) {
+			c["num_hidden_layers"] = 1000000
+			return c, ts
+		}, []string{"num_hidden_layers 1000000 is over the limit of 1024"}},
+		{"a huge vocabulary", func(c map[string]any, ts []safetensors.Tensor) (map[string]any, []safetensors.Tensor) {
+			c["vocab_size"] = 1 << 30
+			return c, ts
+		}, []string{"vocab_size 1073741824 is over the limit of 4194304"}},
 		{"eos list of strings", func(c map[string]any, ts []safetensors.Tensor) (map[string]any, []safetensors.Tensor) {
 			c["eos_token_id"] = []string{"</s>"}
 			return c, ts
@@ -211,4 +221,55 @@ func TestLoadPretrainedDTypesAndShards(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, vProj(reference), vProj(ctx))
 	})
+}
+
+// Weight files that are links: inside the folder or into a Hugging Face cache's blobs they load;
+// out of the folder, or to a device, they are refused before anything is read.
+func TestWeightLinks(t *testing.T) {
+	src := filepath.Join("..", "stories260k", "testdata", "stories260K")
+	weights, err := filepath.Abs(filepath.Join(src, "model.safetensors"))
+	require.NoError(t, err)
+	config, err := os.ReadFile(filepath.Join(src, "config.json"))
+	require.NoError(t, err)
+	for _, tc := range []struct {
+		name string
+		link func(root string) string // makes the layout, returns the model folder
+		want string
+	}{
+		{"inside the folder", func(root string) string {
+			require.NoError(t, os.Link(weights, filepath.Join(root, "weights.bin")))
+			require.NoError(t, os.Symlink("weights.bin", filepath.Join(root, "model.safetensors")))
+			return root
+		}, ""},
+		{"Hugging Face cache", func(root string) string {
+			require.NoError(t, os.MkdirAll(filepath.Join(root, "blobs"), 0o755))
+			require.NoError(t, os.MkdirAll(filepath.Join(root, "snapshots", "abc"), 0o755))
+			require.NoError(t, os.Link(weights, filepath.Join(root, "blobs", "123")))
+			require.NoError(t, os.Symlink("../../blobs/123", filepath.Join(root, "snapshots", "abc", "model.safetensors")))
+			return filepath.Join(root, "snapshots", "abc")
+		}, ""},
+		{"out of the folder", func(root string) string {
+			require.NoError(t, os.Mkdir(filepath.Join(root, "model"), 0o755))
+			require.NoError(t, os.Link(weights, filepath.Join(root, "elsewhere.safetensors")))
+			require.NoError(t, os.Symlink("../elsewhere.safetensors", filepath.Join(root, "model", "model.safetensors")))
+			return filepath.Join(root, "model")
+		}, "model.safetensors is a symbolic link out of the model folder (to ../elsewhere.safetensors)"},
+		{"a device", func(root string) string {
+			require.NoError(t, os.Symlink("/dev/zero", filepath.Join(root, "model.safetensors")))
+			return root
+		}, "model.safetensors is a symbolic link out of the model folder (to /dev/zero)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := tc.link(t.TempDir())
+			require.NoError(t, os.WriteFile(filepath.Join(dir, "config.json"), config, 0o644))
+			ctx := context.New()
+			_, err := llama.LoadPretrained(ctx, dir)
+			if tc.want == "" {
+				require.NoError(t, err)
+				return
+			}
+			require.ErrorContains(t, err, tc.want)
+			require.Zero(t, ctx.NumVariables())
+		})
+	}
 }

@@ -86,6 +86,18 @@ func (c Config) Validate() error {
 			return fmt.Errorf("llama config: %s must be > 0, got %d", f.name, f.value)
 		}
 	}
+	// Limits far above any released model, so that a hostile config.json is refused before
+	// anything is allocated for it.
+	for _, f := range []struct {
+		name         string
+		value, limit int
+	}{{"vocab_size", c.VocabSize, 1 << 22}, {"hidden_size", c.HiddenSize, 1 << 16}, {"intermediate_size", c.IntermediateSize, 1 << 18},
+		{"num_hidden_layers", c.NumLayers, 1024}, {"num_attention_heads", c.NumHeads, 1024}, {"num_key_value_heads", c.NumKVHeads, 1024},
+		{"head_dim", c.HeadDimension, 1 << 12}, {"max_position_embeddings", c.MaxPositions, 1 << 24}} {
+		if f.value > f.limit {
+			return fmt.Errorf("llama config: %s %d is over the limit of %d", f.name, f.value, f.limit)
+		}
+	}
 	switch c.ModelType {
 	case "", FamilyLlama, FamilyMistral, FamilyQwen2, FamilyQwen3:
 	default:
