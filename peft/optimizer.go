@@ -3,6 +3,7 @@ package peft
 import (
 	"fmt"
 	"math"
+	"strings"
 
 	"github.com/gomlx/gomlx/pkg/core/graph"
 	"github.com/gomlx/gomlx/pkg/core/shapes"
@@ -92,6 +93,12 @@ type AdamW struct {
 	// ClipNorm clips the global gradient norm to this value; 0 disables clipping.
 	ClipNorm float64
 	Schedule Schedule
+	// DivergenceFactor skips (and the trainer then stops at) a step whose loss is over this many
+	// times its running average, once the average has seen a few steps; 0 disables the check.
+	DivergenceFactor float64
+	// MaxUpdateRatio skips a step whose update's norm is over this many times the norm of the
+	// weights it updates (a learning rate far too high); 0 disables the check.
+	MaxUpdateRatio float64
 	// Accumulate is the number of micro-batches whose gradients make one step (0 or 1: every
 	// batch is a step). Each micro-batch is weighted by its loss weight (NextTokenLoss's scored
 	// pairs; 1 for other losses), so the step is the one a batch of them all would make; the
@@ -127,9 +134,9 @@ func (o *AdamW) UpdateGraph(ctx *context.Context, g *graph.Graph, loss *graph.No
 		values[i] = tv.Variable.ValueGraph(g)
 	}
 	grads := graph.Gradient(loss, values...)
-	apply, lossFinite := graph.Const(g, true), graph.IsFinite(f32(loss))
+	apply, lossFinite, stepLoss := graph.Const(g, true), graph.IsFinite(f32(loss)), f32(loss)
 	if o.Accumulate > 1 {
-		grads, apply, lossFinite = o.accumulate(ctx, g, loss, vars, grads)
+		grads, apply, lossFinite, stepLoss = o.accumulate(ctx, g, loss, vars, grads)
 	}
 	if o.Gradients != nil {
 		o.Gradients.ObserveGradients(ctx, g, vars, grads)
@@ -144,12 +151,6 @@ func (o *AdamW) UpdateGraph(ctx *context.Context, g *graph.Graph, loss *graph.No
 	if o.ClipNorm > 0 {
 		clipScale = graph.Min(clipScale, graph.Div(graph.Scalar(g, dtypes.Float32, o.ClipNorm), graph.AddScalar(norm, 1e-6)))
 	}
-	finite := graph.LogicalAnd(lossFinite, graph.IsFinite(norm))
-	skippedVar := ctx.InAbsPath(context.ScopeSeparator+optimizerScope).Checked(false).
-		VariableWithValue(skippedStepsName, int64(0)).SetTrainable(false)
-	skipped := skippedVar.ValueGraph(g)
-	skippedVar.SetValueGraph(graph.Where(graph.LogicalAnd(apply, graph.LogicalNot(finite)), graph.OnePlus(skipped), skipped))
-	finite = graph.LogicalAnd(finite, apply) // the variables change only on a finite step's last micro-batch
 
 	step := optimizers.IncrementGlobalStepGraph(ctx, g, dtypes.Float32)
 	if o.Accumulate > 1 {
@@ -163,7 +164,15 @@ func (o *AdamW) UpdateGraph(ctx *context.Context, g *graph.Graph, loss *graph.No
 	debias1 := graph.Reciprocal(graph.OneMinus(graph.Pow(graph.Scalar(g, dtypes.Float32, o.Beta1), step)))
 	debias2 := graph.Reciprocal(graph.OneMinus(graph.Pow(graph.Scalar(g, dtypes.Float32, o.Beta2), step)))
 
+	// The new values and moments, set below only if the step passes the checks.
 	momentsRoot := context.ScopeSeparator + optimizerScope
+	type pending struct {
+		v, m1Var, m2Var                     *context.Variable
+		newValue, old, m1, m2, m1Old, m2Old *graph.Node
+	}
+	updates := make([]pending, len(vars))
+	newFinite := graph.Const(g, true)
+	deltaSquares, weightSquares := graph.Scalar(g, dtypes.Float32, 0), graph.Scalar(g, dtypes.Float32, 0)
 	for i, v := range vars {
 		grad := graph.Mul(f32(grads[i]), clipScale)
 		shape := shapes.Make(dtypes.Float32, v.Shape().Dimensions...)
@@ -179,23 +188,99 @@ func (o *AdamW) UpdateGraph(ctx *context.Context, g *graph.Graph, loss *graph.No
 		if o.WeightDecay > 0 {
 			update = graph.Add(update, graph.MulScalar(oldF, o.WeightDecay))
 		}
-		newValue := graph.Sub(oldF, graph.Mul(graph.MulScalar(lr, tvs[i].LRScale), update))
+		newF := graph.Sub(oldF, graph.Mul(graph.MulScalar(lr, tvs[i].LRScale), update))
+		newFinite = graph.LogicalAnd(newFinite, graph.ReduceLogicalAnd(graph.IsFinite(newF)))
+		deltaSquares = graph.Add(deltaSquares, graph.ReduceAllSum(graph.Square(graph.Sub(newF, oldF))))
+		weightSquares = graph.Add(weightSquares, graph.ReduceAllSum(graph.Square(oldF)))
+		newValue := newF
 		if newValue.DType() != old.DType() {
 			newValue = graph.ConvertDType(newValue, old.DType())
 		}
-		v.SetValueGraph(graph.Where(finite, newValue, old))
-		m1Var.SetValueGraph(graph.Where(finite, m1, m1Old))
-		m2Var.SetValueGraph(graph.Where(finite, m2, m2Old))
+		updates[i] = pending{v: v, m1Var: m1Var, m2Var: m2Var, newValue: newValue, old: old, m1: m1, m2: m2, m1Old: m1Old, m2Old: m2Old}
+	}
+
+	// The checks, in the order the trainer reports them: a non-finite loss or gradient, a loss
+	// grown by DivergenceFactor over its running average, an update larger than MaxUpdateRatio
+	// times the weights, non-finite new values.
+	state := ctx.InAbsPath(context.ScopeSeparator + optimizerScope).Checked(false)
+	scalarVar := func(name string, v any) *context.Variable {
+		return state.VariableWithValue(name, v).SetTrainable(false)
+	}
+	emaVar, emaCountVar := scalarVar("loss_average", float32(0)), scalarVar("loss_average_steps", int64(0))
+	ema, emaCount := emaVar.ValueGraph(g), emaCountVar.ValueGraph(g)
+	ratio := graph.Div(graph.Sqrt(deltaSquares), graph.AddScalar(graph.Sqrt(weightSquares), 1e-12))
+	falseNode := graph.Const(g, false)
+	grown, tooLarge := falseNode, falseNode
+	if o.DivergenceFactor > 0 {
+		grown = graph.LogicalAnd(graph.GreaterOrEqual(emaCount, graph.Scalar(g, dtypes.Int64, divergenceWarmup)),
+			graph.GreaterThan(stepLoss, graph.MulScalar(ema, o.DivergenceFactor)))
+	}
+	if o.MaxUpdateRatio > 0 {
+		tooLarge = graph.GreaterThan(ratio, graph.Scalar(g, dtypes.Float32, o.MaxUpdateRatio))
+	}
+	finite := graph.LogicalAnd(lossFinite, graph.IsFinite(norm))
+	reason := graph.Scalar(g, dtypes.Int64, int64(SkipNone))
+	for _, c := range []struct {
+		bad  *graph.Node
+		code SkipReason
+	}{{graph.LogicalNot(newFinite), SkipNonFiniteUpdate}, {tooLarge, SkipLargeUpdate}, {grown, SkipLossGrew},
+		{graph.LogicalNot(graph.IsFinite(norm)), SkipNonFiniteGradient}, {graph.LogicalNot(lossFinite), SkipNonFiniteLoss}} {
+		reason = graph.Where(c.bad, graph.Scalar(g, dtypes.Int64, int64(c.code)), reason) // the last listed wins
+	}
+	ok := graph.LogicalAnd(finite, graph.Equal(reason, graph.Scalar(g, dtypes.Int64, int64(SkipNone))))
+	skip := graph.LogicalAnd(apply, graph.LogicalNot(ok))
+	skippedVar := scalarVar(skippedStepsName, int64(0))
+	skipped := skippedVar.ValueGraph(g)
+	skippedVar.SetValueGraph(graph.Where(skip, graph.OnePlus(skipped), skipped))
+	for _, r := range []struct {
+		name  string
+		value *graph.Node
+	}{{"skip_reason", reason}, {"skip_loss", stepLoss}, {"skip_loss_average", ema}, {"skip_update_ratio", ratio}} {
+		v := scalarVar(r.name, shapes.CastAsDType(0, r.value.DType()))
+		v.SetValueGraph(graph.Where(skip, r.value, v.ValueGraph(g)))
+	}
+	applied := graph.LogicalAnd(apply, ok) // the variables change only on a good step's last micro-batch
+	first := graph.Equal(emaCount, graph.ZerosLike(emaCount))
+	newEMA := graph.Where(first, stepLoss, graph.Add(graph.MulScalar(ema, 0.9), graph.MulScalar(stepLoss, 0.1)))
+	emaVar.SetValueGraph(graph.Where(applied, newEMA, ema))
+	emaCountVar.SetValueGraph(graph.Where(applied, graph.OnePlus(emaCount), emaCount))
+	for _, u := range updates {
+		u.v.SetValueGraph(graph.Where(applied, u.newValue, u.old))
+		u.m1Var.SetValueGraph(graph.Where(applied, u.m1, u.m1Old))
+		u.m2Var.SetValueGraph(graph.Where(applied, u.m2, u.m2Old))
 	}
 }
+
+// divergenceWarmup is the number of good steps the loss average needs before a loss is judged
+// against it.
+const divergenceWarmup = 3
+
+// SkipReason says why the optimizer skipped a step (it then changes nothing, and the trainer
+// stops with an error saying so).
+type SkipReason int64
+
+const (
+	SkipNone SkipReason = iota
+	// SkipNonFiniteLoss: the loss is NaN or infinite.
+	SkipNonFiniteLoss
+	// SkipNonFiniteGradient: the gradient norm is NaN or infinite.
+	SkipNonFiniteGradient
+	// SkipLossGrew: the loss is over DivergenceFactor times its running average.
+	SkipLossGrew
+	// SkipLargeUpdate: the update's norm is over MaxUpdateRatio times the weights' norm.
+	SkipLargeUpdate
+	// SkipNonFiniteUpdate: the updated weights would not be finite.
+	SkipNonFiniteUpdate
+)
 
 // accumulate adds this micro-batch's gradients, weighted by its loss weight, to the running sums
 // and returns their weighted mean, whether this micro-batch ends the step, and whether every
 // loss of the step so far was finite. The sums restart after the step's last micro-batch.
-func (o *AdamW) accumulate(ctx *context.Context, g *graph.Graph, loss *graph.Node, vars []*context.Variable, grads []*graph.Node) (mean []*graph.Node, apply, lossFinite *graph.Node) {
+func (o *AdamW) accumulate(ctx *context.Context, g *graph.Graph, loss *graph.Node, vars []*context.Variable, grads []*graph.Node) (mean []*graph.Node, apply, lossFinite, stepLoss *graph.Node) {
 	scope := ctx.InAbsPath(context.ScopeSeparator + accumulateScope).Checked(false)
 	microVar := scope.VariableWithValue("micro_batches", int64(0)).SetTrainable(false)
 	weightVar := scope.VariableWithValue("weight", float32(0)).SetTrainable(false)
+	lossVar := scope.VariableWithValue("weighted_loss", float32(0)).SetTrainable(false)
 	badVar := scope.VariableWithValue("non_finite_losses", int64(0)).SetTrainable(false)
 	w := takeLossWeight(g)
 	if w == nil {
@@ -207,6 +292,9 @@ func (o *AdamW) accumulate(ctx *context.Context, g *graph.Graph, loss *graph.Nod
 	bad := graph.Add(badVar.ValueGraph(g), graph.ConvertDType(graph.LogicalNot(graph.IsFinite(f32(loss))), dtypes.Int64))
 	weight := graph.Add(weightVar.ValueGraph(g), w)
 	denominator := graph.Max(weight, graph.Scalar(g, dtypes.Float32, 1e-30))
+	lossSum := graph.Add(lossVar.ValueGraph(g), graph.Mul(f32(loss), w))
+	stepLoss = graph.Div(lossSum, denominator)
+	lossVar.SetValueGraph(graph.Where(apply, graph.ZerosLike(lossSum), lossSum))
 	for i, v := range vars {
 		shape := shapes.Make(dtypes.Float32, v.Shape().Dimensions...)
 		sumVar := ctx.InAbsPath(context.ScopeSeparator+accumulateScope+v.Scope()).Checked(false).
@@ -218,7 +306,7 @@ func (o *AdamW) accumulate(ctx *context.Context, g *graph.Graph, loss *graph.Nod
 	microVar.SetValueGraph(graph.Where(apply, graph.ZerosLike(micro), micro))
 	weightVar.SetValueGraph(graph.Where(apply, graph.ZerosLike(weight), weight))
 	badVar.SetValueGraph(graph.Where(apply, graph.ZerosLike(bad), bad))
-	return mean, apply, graph.Equal(bad, graph.ZerosLike(bad))
+	return mean, apply, graph.Equal(bad, graph.ZerosLike(bad)), stepLoss
 }
 
 // f32 converts x to float32.
@@ -241,7 +329,7 @@ func (o *AdamW) Clear(ctx *context.Context) error {
 func OptimizerStateBytes(ctx *context.Context) int64 {
 	var total int64
 	for v := range ctx.InAbsPath(context.ScopeSeparator + optimizerScope).IterVariablesInScope() {
-		if v.Name() != skippedStepsName {
+		if strings.HasSuffix(v.Name(), "_m1") || strings.HasSuffix(v.Name(), "_m2") {
 			total += int64(v.Shape().Memory())
 		}
 	}

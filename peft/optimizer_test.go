@@ -2,6 +2,7 @@ package peft_test
 
 import (
 	"math"
+	"strings"
 	"testing"
 
 	"github.com/gomlx/gomlx/pkg/core/graph"
@@ -209,7 +210,7 @@ func TestAdamWNonFiniteStepChangesNothing(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, []float32{1, -2}, got, "a non-finite step must leave the variable unchanged")
 			for v := range ctx.IterVariables() {
-				if v.DType() != dtypes.Float32 || v == w {
+				if v.DType() != dtypes.Float32 || v == w || !strings.HasSuffix(v.Name(), "_m1") && !strings.HasSuffix(v.Name(), "_m2") {
 					continue
 				}
 				m, err := peft.Float32s(v)

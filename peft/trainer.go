@@ -53,6 +53,14 @@ type TrainConfig struct {
 	WeightDecay float64
 	// ClipNorm clips the global gradient norm. Default 1.0; negative disables clipping.
 	ClipNorm float64
+	// DivergenceFactor stops training, before the step is applied, when a step's loss is over
+	// this many times its running average (AdamW.DivergenceFactor). Default 100; negative
+	// disables the check.
+	DivergenceFactor float64
+	// MaxUpdateRatio stops training, before the step is applied, when an update's norm would be
+	// over this many times the norm of the trained weights (AdamW.MaxUpdateRatio): a learning
+	// rate far too high. Default 10; negative disables the check.
+	MaxUpdateRatio float64
 	// GradAccum is the number of batches whose gradients make one step (see AdamW.Accumulate):
 	// a step on K batches of B rows equals one on a batch of K·B rows. Steps count steps, not
 	// batches. Default 1. Methods that watch gradients (AdaLoRA) need 1.
@@ -117,6 +125,15 @@ func (c TrainConfig) withDefaults() (TrainConfig, error) {
 	if c.GradAccum == 0 {
 		c.GradAccum = 1
 	}
+	if c.DivergenceFactor == 0 {
+		c.DivergenceFactor = 100
+	}
+	if c.MaxUpdateRatio == 0 {
+		c.MaxUpdateRatio = 10
+	}
+	if math.IsNaN(c.DivergenceFactor) || math.IsNaN(c.MaxUpdateRatio) || (c.DivergenceFactor > 0 && c.DivergenceFactor <= 1) {
+		return c, fmt.Errorf("peft.TrainConfig: DivergenceFactor must be > 1 (or negative to disable), got %g; MaxUpdateRatio a number, got %g", c.DivergenceFactor, c.MaxUpdateRatio)
+	}
 	if c.GradAccum < 0 {
 		return c, fmt.Errorf("peft.TrainConfig: GradAccum must be ≥ 1, got %d", c.GradAccum)
 	}
@@ -151,6 +168,44 @@ type Trainer struct {
 	microLosses  []float64 // the losses of the batches of the step being accumulated
 	stepDur      []time.Duration
 	skipped      int64 // steps the optimizer skipped for a non-finite gradient, as last seen
+}
+
+// optimizerValue reads a scalar the optimizer keeps (0 if it has none).
+func (t *Trainer) optimizerValue(name string) float64 {
+	v := t.model.ctx.GetVariableByScopeAndName(context.ScopeSeparator+optimizerScope, name)
+	if v == nil {
+		return 0
+	}
+	value, err := v.Value()
+	if err != nil {
+		return 0
+	}
+	switch x := value.Value().(type) {
+	case int64:
+		return float64(x)
+	case float32:
+		return float64(x)
+	}
+	return 0
+}
+
+// skipError says why the optimizer skipped step and what to do.
+func (t *Trainer) skipError(step int) error {
+	kept := "the weights are those after step " + fmt.Sprint(step-1)
+	switch SkipReason(t.optimizerValue("skip_reason")) {
+	case SkipLossGrew:
+		loss, avg := t.optimizerValue("skip_loss"), t.optimizerValue("skip_loss_average")
+		return fmt.Errorf("training stopped at step %d: the loss %.4g is %.0f× its running average %.4g, so the run is diverging; the step was not applied and %s: lower the learning rate (it is %g), or raise TrainConfig.DivergenceFactor",
+			step, loss, loss/avg, avg, kept, t.cfg.LearningRate)
+	case SkipLargeUpdate:
+		return fmt.Errorf("training stopped at step %d: the update would change the weights by %.3g× their norm; the step was not applied and %s: lower the learning rate (it is %g), or raise TrainConfig.MaxUpdateRatio",
+			step, t.optimizerValue("skip_update_ratio"), kept, t.cfg.LearningRate)
+	case SkipNonFiniteUpdate:
+		return fmt.Errorf("training stopped at step %d: the updated weights would not be finite; the step was not applied and %s: lower the learning rate (it is %g)", step, kept, t.cfg.LearningRate)
+	case SkipNonFiniteLoss:
+		return fmt.Errorf("training stopped at step %d: the loss is not finite (the step was not applied)", step)
+	}
+	return fmt.Errorf("training stopped at step %d: the gradient norm is not finite (the step was not applied)", step)
 }
 
 // skippedSteps reads the optimizer's count of skipped steps.
@@ -209,6 +264,7 @@ func NewTrainer(model *Model, cfg TrainConfig) (*Trainer, error) {
 		LearningRate: cfg.LearningRate, Beta1: cfg.Beta1, Beta2: cfg.Beta2, Epsilon: cfg.Epsilon,
 		WeightDecay: cfg.WeightDecay, ClipNorm: max(cfg.ClipNorm, 0), Schedule: cfg.schedule(),
 		Variables: model.TrainableVariables, Accumulate: cfg.GradAccum,
+		DivergenceFactor: max(cfg.DivergenceFactor, 0), MaxUpdateRatio: max(cfg.MaxUpdateRatio, 0),
 	}
 	if hook, ok := model.method.(GradientHook); ok {
 		if cfg.GradAccum > 1 {
@@ -274,7 +330,7 @@ func (t *Trainer) attachProgress() {
 		step := t.Step()
 		if skipped := t.skippedSteps(); skipped > t.skipped {
 			t.skipped = skipped
-			return fmt.Errorf("training stopped at step %d: the gradient norm is not finite (the step was not applied)", step)
+			return t.skipError(step)
 		}
 		t.losses = append(t.losses, loss)
 		if hook, ok := t.model.method.(StepHook); ok {

@@ -58,14 +58,17 @@ func TestTrainConfigErrors(t *testing.T) {
 
 // nanBatches are toy batches with a second label, a float32 [Batch, 1] factor the loss is
 // multiplied by: 1, except NaN in batch nanAt (0-based; -1 for none).
-func nanBatches(n, nanAt int) []peft.Batch {
+func nanBatches(n, nanAt int) []peft.Batch { return scaledBatches(n, nanAt, float32(math.NaN())) }
+
+// scaledBatches are toy batches whose loss scaledLoss multiplies by 1, and by scale at batch at.
+func scaledBatches(n, at int, scale float32) []peft.Batch {
 	batches := pefttest.ToyBatches(n, 3)
 	for i := range batches {
 		factor := make([]float32, pefttest.Batch)
 		for j := range factor {
 			factor[j] = 1
-			if i == nanAt {
-				factor[j] = float32(math.NaN())
+			if i == at {
+				factor[j] = scale
 			}
 		}
 		batches[i].Labels = append(batches[i].Labels, tensors.FromFlatDataAndDimensions(factor, pefttest.Batch, 1))
@@ -95,6 +98,47 @@ func trainableValues(t *testing.T, m *peft.Model) map[string][]float32 {
 		values[tv.Variable.ScopeAndName()] = v
 	}
 	return values
+}
+
+// A loss that jumps by orders of magnitude over its running average stops the run before the
+// step is applied: the weights are those of the steps before. With the check off it trains on.
+func TestTrainingStopsWhenTheLossExplodes(t *testing.T) {
+	cfg := peft.TrainConfig{Steps: 6, LearningRate: 1e-2, Decay: peft.ConstantDecay, Loss: scaledLoss, Progress: peft.ProgressOff}
+	m := pefttest.NewModel(t, newLoRA(t))
+	trainer, err := peft.NewTrainer(m, cfg)
+	require.NoError(t, err)
+	losses, err := trainer.Train(peft.NewDataset("train", scaledBatches(6, 4, 1e4), true))
+	require.Error(t, err)
+	require.Regexp(t, `training stopped at step 5: the loss [0-9.e+]+ is [0-9]+× its running average [0-9.]+, so the run is diverging; `+
+		`the step was not applied and the weights are those after step 4: lower the learning rate \(it is 0.01\)`, err.Error())
+	require.Len(t, losses, 4)
+
+	ref := pefttest.NewModel(t, newLoRA(t))
+	refTrainer, err := peft.NewTrainer(ref, cfg)
+	require.NoError(t, err)
+	_, err = refTrainer.Train(peft.NewDataset("train", scaledBatches(4, -1, 1), false))
+	require.ErrorContains(t, err, "reached Dataset end after 4 steps")
+	require.Equal(t, trainableValues(t, ref), trainableValues(t, m))
+
+	cfg.DivergenceFactor = -1
+	off, err := peft.NewTrainer(pefttest.NewModel(t, newLoRA(t)), cfg)
+	require.NoError(t, err)
+	_, err = off.Train(peft.NewDataset("train", scaledBatches(6, 4, 1e4), true))
+	require.NoError(t, err)
+}
+
+// A learning rate far too high is refused at the first step, before it changes anything.
+func TestTrainingStopsOnAHugeLearningRate(t *testing.T) {
+	for _, lr := range []float64{1e6, 1e38} {
+		m := pefttest.NewModel(t, newLoRA(t))
+		before := trainableValues(t, m)
+		trainer, err := peft.NewTrainer(m, peft.TrainConfig{Steps: 30, LearningRate: lr, Loss: peft.CrossEntropy, Progress: peft.ProgressOff})
+		require.NoError(t, err)
+		_, err = trainer.Train(peft.NewDataset("train", pefttest.ToyBatches(3, 1), true))
+		require.ErrorContains(t, err, "training stopped at step 1: the ")
+		require.ErrorContains(t, err, "the step was not applied and the weights are those after step 0: lower the learning rate")
+		require.Equal(t, before, trainableValues(t, m), "lr %g", lr)
+	}
 }
 
 func TestTrainingStopsOnNaN(t *testing.T) {
