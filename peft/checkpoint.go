@@ -78,6 +78,8 @@ func (t *Trainer) runVariables() []*context.Variable {
 // replaced atomically (atomicfile.WriteDir): a crash at any moment leaves the previous
 // checkpoint at dir, or none, never a partial one. Call it between Train calls.
 func (t *Trainer) SaveCheckpoint(dir string, extra any) error {
+	t.model.state.Lock()
+	defer t.model.state.Unlock()
 	if len(t.microLosses) != 0 {
 		return errors.New("peft.Trainer.SaveCheckpoint: in the middle of accumulating a step")
 	}
@@ -113,7 +115,7 @@ func (t *Trainer) SaveCheckpoint(dir string, extra any) error {
 		return err
 	}
 	err = atomicfile.WriteDir(dir, func(tmp string) error {
-		if err := t.model.Save(tmp); err != nil {
+		if err := t.model.save(tmp); err != nil {
 			return err
 		}
 		if err := safetensors.Write(filepath.Join(tmp, TrainerTensorsFile), out, map[string]string{"format": "peft-go-trainer"}); err != nil {
@@ -135,6 +137,8 @@ func (t *Trainer) SaveCheckpoint(dir string, extra any) error {
 // (name, dtype, shape) before anything is set; a checkpoint of another base model, method or
 // accumulation is refused with an error saying which.
 func (t *Trainer) LoadCheckpoint(dir string, extra any) error {
+	t.model.state.Lock()
+	defer t.model.state.Unlock()
 	fail := func(format string, args ...any) error {
 		return fmt.Errorf("peft.Trainer.LoadCheckpoint: %s: %s", dir, fmt.Sprintf(format, args...))
 	}

@@ -1,6 +1,7 @@
 package peft
 
 import (
+	"github.com/gomlx/gomlx/pkg/core/shapes"
 	"strconv"
 	"strings"
 
@@ -144,6 +145,10 @@ type Layout struct {
 	BaseVariables []*context.Variable
 	// Task is what the model declared its outputs serve (SetTask), or "".
 	Task TaskType
+	// NumInputs is the number of inputs the model was traced with (ids and mask, say).
+	NumInputs int
+	// Outputs are the shapes of the model's outputs on the traced example.
+	Outputs []shapes.Shape
 }
 
 // Depth returns how deep in the model a variable of the base model sits, for layer-wise learning

@@ -28,6 +28,9 @@ type Model struct {
 
 	mu    sync.Mutex
 	execs map[int]*context.Exec // inference executors by number of inputs
+	// state guards the variables: calls read them together (RLock); Save, Load, Merge, Unmerge
+	// and training hold it alone (Lock).
+	state sync.RWMutex
 	// graphVersion changes whenever what the model's graphs compute changes (merge, unmerge), so
 	// that trainers know to rebuild theirs.
 	graphVersion int
@@ -151,7 +154,11 @@ func traceLayout(backend backends.Backend, ctx *context.Context, fn ModelFn, exa
 			inputs[i] = graph.Parameter(g, fmt.Sprintf("input_%d", i), shape)
 		}
 		ctx.SetGraphParam(g, graphParamActive, &active{trace: layout})
-		fn(ctx.Checked(false), nil, inputs)
+		outputs := fn(ctx.Checked(false), nil, inputs)
+		layout.NumInputs = len(example)
+		for _, out := range outputs {
+			layout.Outputs = append(layout.Outputs, out.Shape())
+		}
 		// The model's variables are those its graph reads: not an optimizer's moments, a
 		// trainer's metrics or another method's weights that the context may also hold.
 		for v := range ctx.IterVariables() {
@@ -197,12 +204,19 @@ func (m *Model) Fn() ModelFn {
 }
 
 // Call runs the model (in inference mode) on inputs and returns its outputs. Graphs are compiled
-// once per input shape and reused. Calls may run concurrently with each other, but not with
-// Merge, Unmerge, Load or training, which change the variables a call reads.
+// once per input shape and reused. The inputs are checked first (CheckInputs): token ids out of
+// the vocabulary, a mask of another shape or an input too many is an error naming it. Calls run
+// concurrently with each other; Save, Load, Merge, Unmerge and training wait for running calls
+// and calls wait for them.
 func (m *Model) Call(inputs ...*tensors.Tensor) ([]*tensors.Tensor, error) {
 	if len(inputs) == 0 {
 		return nil, fmt.Errorf("peft.Model.Call: no inputs")
 	}
+	if err := m.CheckInputs(inputs); err != nil {
+		return nil, fmt.Errorf("peft.Model.Call: %w", err)
+	}
+	m.state.RLock()
+	defer m.state.RUnlock()
 	m.mu.Lock()
 	exec, found := m.execs[len(inputs)]
 	if !found {
@@ -263,6 +277,8 @@ func (m *Model) withMerger(op string, fn func(Merger) error) error {
 	if !ok {
 		return fmt.Errorf("peft: method %s cannot be merged into the base weights", m.methodName())
 	}
+	m.state.Lock()
+	defer m.state.Unlock()
 	defer m.resetExecutors()
 	m.mu.Lock()
 	m.graphVersion++

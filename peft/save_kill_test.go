@@ -64,11 +64,10 @@ func fill(m *peft.Model, v float32) error {
 }
 
 // saveLoop saves the model into dir over and over, every value 1 then every value 2, until it is
-// killed; it prints "saving" before the first save.
+// killed; it prints a line after each save.
 func saveLoop(method, dir string) {
 	tb := &testing.T{}
 	_, m := pefttest.StoriesModel(tb, killMethod(method))
-	fmt.Println("saving")
 	for i := 0; ; i++ {
 		if err := fill(m, float32(1+i%2)); err != nil {
 			panic(err)
@@ -76,6 +75,7 @@ func saveLoop(method, dir string) {
 		if err := m.Save(dir); err != nil {
 			panic(err)
 		}
+		fmt.Println("saved")
 	}
 }
 
@@ -105,15 +105,15 @@ func TestSaveSurvivesKill(t *testing.T) {
 				stdout, err := cmd.StdoutPipe()
 				require.NoError(t, err)
 				require.NoError(t, cmd.Start())
-				line, err := bufio.NewReader(stdout).ReadString('\n')
-				require.NoError(t, err)
-				require.Equal(t, "saving\n", line)
-				time.Sleep(time.Duration(rng.IntN(40_000)) * time.Microsecond)
+				lines := bufio.NewReader(stdout)
+				for range 1 + rng.IntN(3) { // let one to three saves complete, then kill during a later one
+					line, err := lines.ReadString('\n')
+					require.NoError(t, err)
+					require.Equal(t, "saved\n", line)
+				}
+				time.Sleep(time.Duration(rng.IntN(3000)) * time.Microsecond)
 				require.NoError(t, cmd.Process.Kill())
 				_ = cmd.Wait()
-				if _, err := peft.ReadAdapter(dir); err != nil && len(seen) == 0 {
-					continue // killed before the first save committed: there is nothing to load yet
-				}
 
 				_, m := pefttest.StoriesModel(t, killMethod(method))
 				require.NoError(t, m.Load(dir), "kill %d", k)
@@ -131,8 +131,7 @@ func TestSaveSurvivesKill(t *testing.T) {
 				seen[value]++
 			}
 			t.Logf("%d kills: the folder loaded %d times, as save 1 %d times and save 2 %d times", kills(), seen[1]+seen[2], seen[1], seen[2])
-			require.Len(t, seen, 2, "both saves were seen")
-			require.Greater(t, seen[1]+seen[2], kills()/2)
+			require.Equal(t, kills(), seen[1]+seen[2])
 
 			// A save after the kills leaves no hidden leftovers.
 			_, m := pefttest.StoriesModel(t, killMethod(method))

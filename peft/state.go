@@ -92,6 +92,13 @@ func (m *Model) savedBase() *savedBase {
 // after its commit. The configuration also pins the tensors it belongs to, so a folder mixed by
 // other means is detected.
 func (m *Model) Save(dir string) error {
+	m.state.Lock()
+	defer m.state.Unlock()
+	return m.save(dir)
+}
+
+// save is Save with the state lock held.
+func (m *Model) save(dir string) error {
 	if m.method == nil {
 		return errors.New("peft.Model.Save: the model has no method to save")
 	}
@@ -434,6 +441,8 @@ func AdapterName(name string) LoadOption { return func(o *loadOptions) { o.adapt
 // from the model's is refused (ErrOtherBase) unless AllowOtherBase is given. Everything is checked
 // before any variable changes, so a failed load leaves the model as it was.
 func (m *Model) Load(dir string, opts ...LoadOption) error {
+	m.state.Lock()
+	defer m.state.Unlock()
 	if m.method == nil {
 		return errors.New("peft.Model.Load: the model has no method to load into")
 	}

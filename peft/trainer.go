@@ -348,6 +348,46 @@ func (t *Trainer) attachProgress() {
 	}
 }
 
+// checkedDataset checks each batch's inputs and labels against the model before the trainer
+// uses it (Model.CheckInputs, Model.CheckLabels).
+type checkedDataset struct {
+	train.Dataset
+	model *Model
+	batch int
+}
+
+// checked wraps ds in a checkedDataset.
+func (t *Trainer) checked(ds train.Dataset) train.Dataset {
+	if c, ok := ds.(*checkedDataset); ok {
+		return c
+	}
+	return &checkedDataset{Dataset: ds, model: t.model}
+}
+
+// Yield implements train.Dataset.
+func (c *checkedDataset) Yield() (spec any, inputs, labels []*tensors.Tensor, err error) {
+	spec, inputs, labels, err = c.Dataset.Yield()
+	if err != nil {
+		return
+	}
+	c.batch++
+	if err := c.model.CheckInputs(inputs); err != nil {
+		return nil, nil, nil, fmt.Errorf("batch %d of %s: %w", c.batch, c.Name(), err)
+	}
+	if err := c.model.CheckLabels(labels); err != nil {
+		return nil, nil, nil, fmt.Errorf("batch %d of %s: %w", c.batch, c.Name(), err)
+	}
+	return spec, inputs, labels, nil
+}
+
+// IsOwnershipTransferred forwards the wrapped dataset's choice (train.DatasetCustomOwnership).
+func (c *checkedDataset) IsOwnershipTransferred() bool {
+	if o, ok := c.Dataset.(train.DatasetCustomOwnership); ok {
+		return o.IsOwnershipTransferred()
+	}
+	return true
+}
+
 func mean(values []float64) float64 {
 	sum := 0.0
 	for _, v := range values {
@@ -379,9 +419,12 @@ func scalarFloat(t *tensors.Tensor) float64 {
 // Train runs the remaining steps up to TrainConfig.Steps on ds (which should loop forever or be
 // long enough) and returns the loss of each step taken so far.
 func (t *Trainer) Train(ds train.Dataset) ([]float64, error) {
+	t.model.state.Lock()
+	defer t.model.state.Unlock()
 	if t.model.Merged() {
 		return nil, ErrMerged
 	}
+	ds = t.checked(ds)
 	t.syncGraphs()
 	if step := optimizers.GetGlobalStep(t.model.ctx); step >= int64(t.cfg.Steps) {
 		return nil, fmt.Errorf("peft.Trainer.Train: the model is already at step %d of Steps %d: raise Steps to train more", step, t.cfg.Steps)
@@ -397,9 +440,12 @@ func (t *Trainer) Train(ds train.Dataset) ([]float64, error) {
 // stays at its final value), and returns the loss of every step taken so far. Benchmarks use it
 // to time steps one by one.
 func (t *Trainer) TrainSteps(ds train.Dataset, n int) ([]float64, error) {
+	t.model.state.Lock()
+	defer t.model.state.Unlock()
 	if t.model.Merged() {
 		return nil, ErrMerged
 	}
+	ds = t.checked(ds)
 	t.syncGraphs()
 	err := catch("peft.Trainer.TrainSteps", func() error {
 		_, err := t.loop.RunSteps(ds, n*t.cfg.GradAccum)
@@ -438,7 +484,10 @@ func (t *Trainer) Evaluate(ds train.Dataset) (EvalResult, error) {
 	if d, ok := ds.(*Dataset); ok && d.loop {
 		return result, fmt.Errorf("peft.Trainer.Evaluate: dataset %q loops forever; evaluate on one made with loop=false", d.name)
 	}
+	t.model.state.Lock()
+	defer t.model.state.Unlock()
 	t.syncGraphs()
+	ds = t.checked(ds)
 	err := catch("peft.Trainer.Evaluate", func() error {
 		ds.Reset()
 		values, err := t.trainer.Eval(ds)
