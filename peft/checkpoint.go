@@ -129,6 +129,25 @@ func (t *Trainer) SaveCheckpoint(dir string, extra any) error {
 	return nil
 }
 
+// ReadCheckpoint reads the step of the checkpoint in dir and the caller's state saved with it
+// into extra (if not nil), without loading anything: to check that a run may resume from it.
+func ReadCheckpoint(dir string, extra any) (step int, err error) {
+	data, err := readBounded(filepath.Join(dir, TrainerStateFile), maxConfigBytes)
+	if err != nil {
+		return 0, fmt.Errorf("peft.ReadCheckpoint: %w", err)
+	}
+	var state trainerState
+	if err := json.Unmarshal(data, &state); err != nil {
+		return 0, fmt.Errorf("peft.ReadCheckpoint: %s: %w", filepath.Join(dir, TrainerStateFile), err)
+	}
+	if extra != nil && len(state.Extra) > 0 {
+		if err := json.Unmarshal(state.Extra, extra); err != nil {
+			return 0, fmt.Errorf("peft.ReadCheckpoint: %s: extra state: %w", dir, err)
+		}
+	}
+	return state.Step, nil
+}
+
 // LoadCheckpoint restores a checkpoint SaveCheckpoint wrote into this trainer's model, which
 // must be built as the run's was (same base weights, method and configuration), before or
 // between Train calls; extra, if not nil, receives the caller's state. The trainer then

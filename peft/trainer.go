@@ -284,14 +284,20 @@ func NewTrainer(model *Model, cfg TrainConfig) (*Trainer, error) {
 			}
 		}
 		t.trainer = train.NewTrainer(model.backend, model.ctx, model.Fn(), cfg.Loss, opt, nil, evalMetrics)
-		t.loop = train.NewLoop(t.trainer)
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	t.attachProgress()
 	return t, nil
+}
+
+// newLoop returns a training loop with the trainer's hooks for one Train or TrainSteps call:
+// GoMLX's progress bar ends with the loop's run, so each call needs its own.
+func (t *Trainer) newLoop() *train.Loop {
+	t.loop = train.NewLoop(t.trainer)
+	t.attachProgress()
+	return t.loop
 }
 
 // isTerminal reports whether f is a terminal (not merely a character device: /dev/null is one,
@@ -430,7 +436,7 @@ func (t *Trainer) Train(ds train.Dataset) ([]float64, error) {
 		return nil, fmt.Errorf("peft.Trainer.Train: the model is already at step %d of Steps %d: raise Steps to train more", step, t.cfg.Steps)
 	}
 	err := catch("peft.Trainer.Train", func() error {
-		_, err := t.loop.RunSteps(ds, (t.cfg.Steps-t.Step())*t.cfg.GradAccum)
+		_, err := t.newLoop().RunSteps(ds, (t.cfg.Steps-t.Step())*t.cfg.GradAccum)
 		return err
 	})
 	return slices.Clone(t.losses), err
@@ -448,7 +454,7 @@ func (t *Trainer) TrainSteps(ds train.Dataset, n int) ([]float64, error) {
 	ds = t.checked(ds)
 	t.syncGraphs()
 	err := catch("peft.Trainer.TrainSteps", func() error {
-		_, err := t.loop.RunSteps(ds, n*t.cfg.GradAccum)
+		_, err := t.newLoop().RunSteps(ds, n*t.cfg.GradAccum)
 		return err
 	})
 	return slices.Clone(t.losses), err

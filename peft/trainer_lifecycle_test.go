@@ -143,3 +143,17 @@ func TestZeroLearningRateMultiplierIsAnError(t *testing.T) {
 	_, err = peft.NewTrainer(nil, peft.TrainConfig{Steps: 1, Loss: peft.CrossEntropy})
 	require.ErrorContains(t, err, "nil model")
 }
+
+// The progress bar survives a run cut into several calls (examples/train trains between
+// validations): each call gets its own bar.
+func TestProgressBarAcrossCalls(t *testing.T) {
+	m := pefttest.NewModel(t, newLoRA(t))
+	trainer, err := peft.NewTrainer(m, peft.TrainConfig{Steps: 6, LearningRate: 1e-2, Loss: peft.CrossEntropy, Progress: peft.ProgressBar})
+	require.NoError(t, err)
+	ds := peft.NewDataset("train", pefttest.ToyBatches(3, 3), true)
+	for range 3 {
+		_, err := trainer.TrainSteps(ds, 2)
+		require.NoError(t, err)
+	}
+	require.Equal(t, 6, trainer.Step())
+}

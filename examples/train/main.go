@@ -1,6 +1,6 @@
-// Command train fine-tunes a model on your own JSONL data and writes the adapter:
+// Command train fine-tunes a model on your own JSONL data and writes the result:
 //
-//	go run ./examples/train -data examples/train/testdata -method lora -steps 200 -lr 1e-2 -out runs/colors
+//	go run ./examples/train -data examples/train/testdata -method lora -steps 300 -lr 1e-2 -seq 64 -out runs/colours
 //	go run ./examples/train -model DIR -data PATH -method NAME -steps N -out DIR [-batch B] [-seq T]
 //	    [-lr X] [-grad-accum K] [-eval-every N] [-save-every N] [-patience P] [-seed S] [-resume] [-json]
 //
@@ -8,23 +8,31 @@
 // with train.jsonl and valid.jsonl, or one .jsonl file of which -valid-share is held out for
 // validation (its last lines). Lines are {"text"}, {"prompt", "completion"} or {"messages"} (the
 // model's chat template formats them); package peft/data says how each is tokenized and which
-// tokens the loss covers. -method is lora, qlora, adalora, adapter, prompt-tuning or full, with
-// the method flags below (the packages' defaults).
+// tokens the loss covers. -method is lora, qlora, adalora, adapter, prompt-tuning or full;
+// -rank, -alpha, -dropout and -targets set LoRA, QLoRA and AdaLoRA, -virtual-tokens prompt
+// tuning (the packages' defaults otherwise). Run go run ./examples/train -h for every flag.
 //
-// DIR receives the trained adapter (Hugging Face PEFT's layout: adapter_config.json and
-// adapter_model.safetensors, for examples/generate -adapter, examples/merge, PEFT, vLLM), best/
-// (the adapter at the best validation loss), checkpoint-N/ every -save-every steps and at the
-// end (Hugging Face Trainer's convention), loss.png and log.jsonl (one JSON object per
-// evaluation). The learning rate warms up over -warmup steps and decays linearly to 0 at -steps.
+// DIR receives the result: for LoRA, QLoRA, AdaLoRA and prompt tuning the adapter in Hugging
+// Face PEFT's layout (adapter_config.json and adapter_model.safetensors, for examples/generate
+// -adapter, examples/merge, PEFT, vLLM); for full fine-tuning a Hugging Face model folder
+// (config.json, model.safetensors: examples/generate -model DIR runs it); for bottleneck
+// adapters this SDK's layout (peft_config.json, peft_state.safetensors). Beside it: the model's
+// tokenizer files, best/ (the result at the best validation loss; after an early stop DIR holds
+// that one too), checkpoint-N/ every -save-every steps and at the end, the newest
+// -keep-checkpoints of them kept (Hugging Face Trainer's convention), loss.png and log.jsonl (one
+// JSON object per validation). The learning rate warms up over -warmup steps and decays linearly
+// to 0 at -steps.
 //
-// -resume continues the run in DIR from its highest-numbered complete checkpoint to -steps: a run
-// killed at any moment and resumed with the same command line ends with the same adapter, tensor
-// for tensor, as one never interrupted. A checkpoint made with another model, method, data or
-// settings is refused with an error saying what differs.
+// A new run into a DIR that holds one is refused; -resume continues it from its
+// highest-numbered complete checkpoint to -steps: a run killed at any moment and resumed with the
+// same command line ends with the same result, tensor for tensor, as one never interrupted. A
+// checkpoint made with another model, method, data or settings is refused with an error naming
+// the flags that differ. One process at a time may use a DIR (a lock file).
 //
-// With -json the last line of stdout is one JSON object: method, steps, trainable_params,
-// train_loss_first, train_loss_last, valid_loss_before, valid_loss_after, forgetting_before and
-// forgetting_after (with -forgetting), seconds, out.
+// With -json the last line of stdout is one JSON object: method, steps (those run),
+// trainable_params, train_loss_first, train_loss_last, valid_loss_before, valid_loss_after,
+// best_valid_loss, best_step, stopped_early, forgetting_before and forgetting_after (with
+// -forgetting), resumed_from, seconds (over every process of the run), out.
 package main
 
 import (
@@ -36,9 +44,11 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -47,6 +57,7 @@ import (
 	"github.com/gomlx/gomlx/pkg/core/shapes"
 	"github.com/gomlx/gomlx/pkg/ml/context"
 	"github.com/gomlx/gopjrt/dtypes"
+	"golang.org/x/term"
 
 	"peft/adapter"
 	"peft/full"
@@ -81,6 +92,7 @@ type options struct {
 	Targets                   string
 	VirtualTokens             int
 	Forgetting                string
+	KeepCheckpoints           int
 	Resume, JSON              bool
 	output                    io.Writer // where progress lines go (stdout)
 }
@@ -114,10 +126,11 @@ func main() {
 	flag.IntVar(&o.Batch, "batch", 4, "rows per batch")
 	flag.IntVar(&o.Seq, "seq", 128, "tokens per row (longer examples are cut, see peft/data)")
 	flag.Float64Var(&o.LR, "lr", 0, "peak learning rate (default: the method's, 2e-4 for LoRA, QLoRA and AdaLoRA, 1e-3 adapter, 3e-2 prompt tuning, 2e-5 full)")
-	flag.IntVar(&o.Warmup, "warmup", -1, "warmup steps (default: a tenth of -steps)")
+	flag.IntVar(&o.Warmup, "warmup", -1, "warmup steps (-1: a tenth of -steps)")
 	flag.IntVar(&o.GradAccum, "grad-accum", 1, "batches per optimizer step")
 	flag.IntVar(&o.EvalEvery, "eval-every", 0, "steps between validations (default: a tenth of -steps)")
 	flag.IntVar(&o.SaveEvery, "save-every", 0, "steps between checkpoints (default: -eval-every)")
+	flag.IntVar(&o.KeepCheckpoints, "keep-checkpoints", 3, "checkpoint-N folders kept, the newest (0: all)")
 	flag.IntVar(&o.Patience, "patience", 0, "stop after this many validations without improvement (0: never)")
 	flag.Int64Var(&o.Seed, "seed", 0, "seed of the data order, the method's initialization and dropout")
 	flag.BoolVar(&o.Pack, "pack", false, "lay several short examples in one row (they then see each other, see peft/data)")
@@ -131,6 +144,10 @@ func main() {
 	flag.BoolVar(&o.Resume, "resume", false, "continue the run in -out from its last complete checkpoint")
 	flag.BoolVar(&o.JSON, "json", false, "print one JSON object on the last line of stdout")
 	flag.Parse()
+	if flag.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "train: unexpected argument %q (flags come as -name value)\n", flag.Arg(0))
+		os.Exit(2)
+	}
 	o.output = os.Stdout
 	res, err := run(o)
 	if err != nil {
@@ -156,6 +173,7 @@ type runState struct {
 	BestStep   int         `json:"best_step"`
 	Stale      int         `json:"validations_without_improvement"`
 	Stopped    bool        `json:"stopped_early"`
+	Seconds    float64     `json:"seconds"` // of training so far, over every process of the run
 }
 
 // runKey is what a resumed run must share with the checkpoint.
@@ -181,6 +199,26 @@ func run(o options) (result, error) {
 	if err := o.check(); err != nil {
 		return result{}, err
 	}
+	method, methodJSON, err := o.newMethod()
+	if err != nil {
+		return result{}, err
+	}
+	unlock, err := lockFolder(o.Out)
+	if err != nil {
+		return result{}, err
+	}
+	defer unlock()
+	resumeDir, resumeStep, err := lastCheckpoint(o.Out)
+	if err != nil {
+		return result{}, err
+	}
+	switch {
+	case resumeDir != "" && !o.Resume:
+		return result{}, fmt.Errorf("-out %s already holds a run (%s): continue it with -resume, or give another -out", o.Out, filepath.Base(resumeDir))
+	case resumeDir == "" && o.Resume:
+		o.printf("no checkpoint in %s: starting a new run\n", o.Out)
+	}
+
 	b, err := backend.Get()
 	if err != nil {
 		return result{}, err
@@ -191,22 +229,18 @@ func run(o options) (result, error) {
 	}
 	tokData, err := fs.ReadFile(fsys, "tokenizer.json")
 	if err != nil {
-		return result{}, fmt.Errorf("model %s: %w", modelName, err)
+		return result{}, fmt.Errorf("-model %s: %w", modelName, err)
 	}
 	tok, err := tokenizer.Parse(tokData)
 	if err != nil {
-		return result{}, fmt.Errorf("model %s: %w", modelName, err)
+		return result{}, fmt.Errorf("-model %s: %w", modelName, err)
 	}
 	ctx := context.New()
 	cfg, err := llama.LoadPretrainedFS(ctx, fsys)
 	if err != nil {
-		return result{}, fmt.Errorf("model %s: %w", modelName, err)
+		return result{}, fmt.Errorf("-model %s: %w", modelName, err)
 	}
 	peft.NameBaseModel(ctx, modelName)
-	tmpl, err := chat.LoadFS(fsys)
-	if err != nil {
-		tmpl = nil // only chat data needs one; data.Tokenize says so
-	}
 	eos := tok.EOS()
 	if len(cfg.EOSTokenIDs) > 0 {
 		eos = cfg.EOSTokenIDs[0]
@@ -215,9 +249,13 @@ func run(o options) (result, error) {
 	if err != nil {
 		return result{}, err
 	}
-	tokOpts := data.Options{SeqLen: o.Seq, EOS: eos, Template: tmpl}
+	tokOpts := data.Options{SeqLen: o.Seq, EOS: eos}
 	if trainFile.Format == data.Chat {
-		tokOpts.EOS = -1 // the template writes the end of each turn
+		tmpl, err := chat.LoadFS(fsys)
+		if err != nil {
+			return result{}, fmt.Errorf("-data %s holds chat records, and -model %s: %w", o.Data, modelName, err)
+		}
+		tokOpts.Template, tokOpts.EOS = tmpl, -1 // the template writes the end of each turn
 	}
 	trainExamples, trainStats, err := data.Tokenize(trainFile, tok, tokOpts)
 	if err != nil {
@@ -229,12 +267,11 @@ func run(o options) (result, error) {
 	}
 	o.printf("train: %s\nvalid: %s\n", trainStats, validStats)
 
-	method, methodJSON, err := o.newMethod()
+	m, err := peft.NewModel(b, ctx, llama.CausalLM(cfg), method, shapes.Make(dtypes.Int32, 1, o.Seq))
 	if err != nil {
 		return result{}, err
 	}
-	m, err := peft.NewModel(b, ctx, llama.CausalLM(cfg), method, shapes.Make(dtypes.Int32, 1, o.Seq))
-	if err != nil {
+	if err := o.checkTargets(m.Layout()); err != nil {
 		return result{}, err
 	}
 	report := m.Report()
@@ -257,13 +294,14 @@ func run(o options) (result, error) {
 		}
 	}
 
-	progress := peft.ProgressAuto
-	if o.output != os.Stdout {
-		progress = peft.ProgressLines
+	// The command prints a line per validation; on a terminal the trainer adds its progress bar.
+	progress := peft.ProgressOff
+	if o.output == os.Stdout && term.IsTerminal(int(os.Stdout.Fd())) {
+		progress = peft.ProgressBar
 	}
 	trainer, err := peft.NewTrainer(m, peft.TrainConfig{
 		Steps: o.Steps, LearningRate: o.LR, WarmupSteps: o.Warmup, Loss: peft.NextTokenLoss,
-		GradAccum: o.GradAccum, Seed: o.Seed, Progress: progress, LogEvery: max(1, o.EvalEvery/2), Output: o.output,
+		GradAccum: o.GradAccum, Seed: o.Seed, Progress: progress,
 	})
 	if err != nil {
 		return result{}, err
@@ -273,27 +311,26 @@ func run(o options) (result, error) {
 		TrainData: digest(trainFile), ValidData: digest(validFile),
 		Steps: o.Steps, Batch: o.Batch, Seq: o.Seq, Warmup: o.Warmup, GradAccum: o.GradAccum, LR: o.LR, Seed: o.Seed, Pack: o.Pack}
 	state := runState{Run: key.digest(), RunKey: key, Best: math.Inf(1)}
-	res := result{Method: method.Name(), Steps: o.Steps, TrainableParams: report.Trainable, Out: o.Out}
-	if o.Resume {
-		dir, step, err := lastCheckpoint(o.Out)
-		if err != nil {
+	res := result{Method: method.Name(), TrainableParams: report.Trainable, Out: o.Out}
+	if resumeDir != "" {
+		var saved runState
+		if _, err := peft.ReadCheckpoint(resumeDir, &saved); err != nil {
 			return result{}, err
 		}
-		if dir != "" {
-			var saved runState
-			if err := trainer.LoadCheckpoint(dir, &saved); err != nil {
-				return result{}, err
-			}
-			if saved.Run != state.Run {
-				return result{}, fmt.Errorf("%s was made by another run: %s", dir, saved.RunKey.differences(key))
-			}
-			state = saved
-			stream.Seek(state.Position)
-			res.ResumedFrom = step
-			o.printf("resumed from %s at step %d\n", dir, step)
+		if saved.Run != state.Run {
+			return result{}, fmt.Errorf("%s was made by another run: %s", resumeDir, saved.RunKey.differences(key))
 		}
-	}
-	if res.ResumedFrom == 0 {
+		if forgetting != nil && saved.Forgetting == nil {
+			return result{}, fmt.Errorf("-forgetting was not given when the run in %s started, so there is no loss before training to compare with: resume without it", o.Out)
+		}
+		if err := trainer.LoadCheckpoint(resumeDir, &saved); err != nil {
+			return result{}, err
+		}
+		state = saved
+		stream.Seek(state.Position)
+		res.ResumedFrom = resumeStep
+		o.printf("resumed from %s at step %d\n", resumeDir, resumeStep)
+	} else {
 		if state.Before, err = evaluate(trainer, valid); err != nil {
 			return result{}, err
 		}
@@ -307,6 +344,7 @@ func run(o options) (result, error) {
 		o.printf("validation loss before training: %.4f\n", state.Before)
 	}
 
+	elapsedBefore := state.Seconds // of the processes before this one
 	tokensPerStep := float64(o.Batch * o.Seq * o.GradAccum)
 	for trainer.Step() < o.Steps && !state.Stopped {
 		from := trainer.Step()
@@ -317,14 +355,18 @@ func run(o options) (result, error) {
 		}
 		perStep := time.Since(t0).Seconds() / float64(step-from)
 		state.Position = stream.Position()
+		state.Seconds = elapsedBefore + time.Since(start).Seconds()
 		if step%o.EvalEvery == 0 || step == o.Steps {
 			loss, err := evaluate(trainer, valid)
 			if err != nil {
 				return result{}, err
 			}
-			losses := trainer.Losses()
-			point := evalPoint{Step: step, TrainLoss: losses[len(losses)-1], ValidLoss: loss,
-				Seconds: time.Since(start).Seconds(), TokensPS: tokensPerStep / perStep}
+			since := 0
+			if len(state.Evals) > 0 {
+				since = state.Evals[len(state.Evals)-1].Step
+			}
+			point := evalPoint{Step: step, TrainLoss: meanOf(trainer.Losses()[since:]), ValidLoss: loss,
+				Seconds: state.Seconds, TokensPS: tokensPerStep / perStep}
 			state.Evals = append(state.Evals, point)
 			eta := time.Duration(float64(o.Steps-step) * perStep * float64(time.Second))
 			o.printf("step %d/%d  train loss %.4f  valid loss %.4f  %.0f tokens/s  ETA %s\n",
@@ -336,7 +378,7 @@ func run(o options) (result, error) {
 				}
 			} else if state.Stale++; o.Patience > 0 && state.Stale >= o.Patience {
 				state.Stopped = true
-				o.printf("stopping early: %d validations without improvement (best %.4f at step %d)\n", state.Stale, state.Best, state.BestStep)
+				o.printf("stopping early: %d validation(s) without improvement (best %.4f at step %d)\n", state.Stale, state.Best, state.BestStep)
 			}
 			if err := writeLog(o.Out, state.Evals); err != nil {
 				return result{}, err
@@ -346,10 +388,13 @@ func run(o options) (result, error) {
 			if err := trainer.SaveCheckpoint(filepath.Join(o.Out, fmt.Sprintf("checkpoint-%d", step)), state); err != nil {
 				return result{}, err
 			}
+			if err := pruneCheckpoints(o.Out, o.KeepCheckpoints); err != nil {
+				return result{}, err
+			}
 		}
 	}
 
-	if err := m.Save(o.Out); err != nil {
+	if err := o.writeResult(m, fsys, state); err != nil {
 		return result{}, err
 	}
 	losses := trainer.Losses()
@@ -358,6 +403,7 @@ func run(o options) (result, error) {
 	if err := chart.WritePNG(filepath.Join(o.Out, "loss.png")); err != nil {
 		return result{}, err
 	}
+	res.Steps = trainer.Step()
 	res.TrainLossFirst, res.TrainLossLast = losses[0], losses[len(losses)-1]
 	res.ValidLossBefore, res.ValidLossAfter = state.Before, state.Evals[len(state.Evals)-1].ValidLoss
 	res.BestValidLoss, res.BestStep, res.StoppedEarly = state.Best, state.BestStep, state.Stopped
@@ -369,9 +415,100 @@ func run(o options) (result, error) {
 		res.ForgettingBefore, res.ForgettingAfter = state.Forgetting, &after
 		o.printf("loss on %s (general text): %.4f before, %.4f after\n", o.Forgetting, *state.Forgetting, after)
 	}
-	res.Seconds = time.Since(start).Seconds()
-	o.printf("validation loss %.4f → %.4f (best %.4f at step %d); adapter in %s\n", res.ValidLossBefore, res.ValidLossAfter, res.BestValidLoss, res.BestStep, o.Out)
+	res.Seconds = elapsedBefore + time.Since(start).Seconds()
+	o.printf("validation loss %.4f → %.4f (best %.4f at step %d); written to %s\n", res.ValidLossBefore, res.ValidLossAfter, res.BestValidLoss, res.BestStep, o.Out)
+	if state.Stopped {
+		o.printf("the run stopped early: %s holds the best adapter (step %d), as does %s\n", o.Out, state.BestStep, filepath.Join(o.Out, "best"))
+	} else if state.BestStep != res.Steps {
+		o.printf("the best validation loss was at step %d: %s holds that adapter\n", state.BestStep, filepath.Join(o.Out, "best"))
+	}
 	return res, nil
+}
+
+// writeResult writes the run's result into -out: the adapter (the best one when the run stopped
+// early), and the model's tokenizer files, so that the folder works with examples/generate and a
+// full fine-tune's folder is a complete model.
+func (o *options) writeResult(m *peft.Model, model fs.FS, state runState) error {
+	if state.Stopped {
+		best, err := os.ReadDir(filepath.Join(o.Out, "best"))
+		if err != nil {
+			return err
+		}
+		var files []atomicfile.File
+		for _, e := range best {
+			if e.Type().IsRegular() && !strings.HasPrefix(e.Name(), ".") {
+				data, err := os.ReadFile(filepath.Join(o.Out, "best", e.Name()))
+				if err != nil {
+					return err
+				}
+				files = append(files, atomicfile.File{Name: e.Name(), Data: data})
+			}
+		}
+		if err := atomicfile.WriteFiles(o.Out, files); err != nil {
+			return err
+		}
+	} else if err := m.Save(o.Out); err != nil {
+		return err
+	}
+	var present []string
+	for _, name := range []string{"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"} {
+		if _, err := fs.Stat(model, name); err == nil {
+			present = append(present, name)
+		}
+	}
+	files, err := atomicfile.ReadFiles(model, present...)
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFiles(o.Out, files)
+}
+
+// checkTargets requires every name of -targets to name a linear layer of the model: a misspelt
+// name would otherwise adapt fewer layers without a word.
+func (o *options) checkTargets(layout *peft.Layout) error {
+	if o.Targets == "" || o.Targets == peft.AllLinear || !slices.Contains([]string{"lora", "qlora", "adalora"}, o.Method) {
+		return nil
+	}
+	names := map[string]bool{}
+	for _, l := range layout.Linears {
+		names[l.Path[strings.LastIndex(l.Path, ".")+1:]] = true
+	}
+	for _, target := range strings.Split(o.Targets, ",") {
+		if !names[strings.TrimSpace(target)] {
+			known := slices.Sorted(maps.Keys(names))
+			return fmt.Errorf("-targets: the model has no linear layer named %q (it has %s)", strings.TrimSpace(target), strings.Join(known, ", "))
+		}
+	}
+	return nil
+}
+
+// pruneCheckpoints keeps the keep newest checkpoint-N folders of dir (0 keeps all).
+func pruneCheckpoints(dir string, keep int) error {
+	if keep <= 0 {
+		return nil
+	}
+	steps, err := checkpointSteps(dir)
+	if err != nil {
+		return err
+	}
+	for len(steps) > keep {
+		if err := os.RemoveAll(filepath.Join(dir, fmt.Sprintf("checkpoint-%d", steps[0]))); err != nil {
+			return err
+		}
+		steps = steps[1:]
+	}
+	return nil
+}
+
+func meanOf(values []float64) float64 {
+	if len(values) == 0 {
+		return math.NaN()
+	}
+	sum := 0.0
+	for _, v := range values {
+		sum += v
+	}
+	return sum / float64(len(values))
 }
 
 // check validates the options and fills in the defaults that depend on others.
@@ -385,8 +522,18 @@ func (o *options) check() error {
 		return fmt.Errorf("-steps (%d), -batch (%d) and -grad-accum (%d) must be > 0 and -seq (%d) ≥ 2", o.Steps, o.Batch, o.GradAccum, o.Seq)
 	case !(o.ValidShare > 0 && o.ValidShare < 1):
 		return fmt.Errorf("-valid-share must be in (0, 1), got %g", o.ValidShare)
-	case o.EvalEvery < 0 || o.SaveEvery < 0 || o.Patience < 0:
-		return errors.New("-eval-every, -save-every and -patience must be ≥ 0")
+	case o.EvalEvery < 0 || o.SaveEvery < 0 || o.Patience < 0 || o.KeepCheckpoints < 0:
+		return errors.New("-eval-every, -save-every, -patience and -keep-checkpoints must be ≥ 0")
+	case o.LR < 0 || math.IsNaN(o.LR) || math.IsInf(o.LR, 0):
+		return fmt.Errorf("-lr must be > 0, got %g", o.LR)
+	}
+	if st, err := os.Stat(o.Out); err == nil && !st.IsDir() {
+		return fmt.Errorf("-out %s is a file, not a folder", o.Out)
+	}
+	if o.Forgetting != "" {
+		if _, err := os.Stat(o.Forgetting); err != nil {
+			return fmt.Errorf("-forgetting: %w", err)
+		}
 	}
 	if o.Warmup < 0 {
 		o.Warmup = o.Steps / 10
@@ -410,7 +557,11 @@ func (o *options) newMethod() (peft.Method, []byte, error) {
 	if o.Targets == peft.AllLinear {
 		targets = peft.TargetPattern(peft.AllLinear)
 	} else if o.Targets != "" {
-		targets = peft.TargetNames(strings.Split(o.Targets, ",")...)
+		var names []string
+		for _, n := range strings.Split(o.Targets, ",") {
+			names = append(names, strings.TrimSpace(n))
+		}
+		targets = peft.TargetNames(names...)
 	}
 	alpha := o.Alpha
 	if alpha == 0 {
@@ -468,6 +619,11 @@ func (o *options) readData() (train, valid *data.File, err error) {
 		return nil, nil, fmt.Errorf("-data: %w", err)
 	}
 	if st.IsDir() {
+		for _, name := range []string{"train.jsonl", "valid.jsonl"} {
+			if _, err := os.Stat(filepath.Join(o.Data, name)); err != nil {
+				return nil, nil, fmt.Errorf("-data %s has no %s: a folder needs train.jsonl and valid.jsonl; or give one .jsonl file, of which -valid-share is held out", o.Data, name)
+			}
+		}
 		if train, err = data.ReadJSONL(filepath.Join(o.Data, "train.jsonl")); err != nil {
 			return nil, nil, err
 		}
@@ -492,7 +648,7 @@ func (o *options) readData() (train, valid *data.File, err error) {
 func (o *options) forgettingSet(tok *tokenizer.Tokenizer, eos int) (*peft.Dataset, error) {
 	f, err := data.ReadJSONL(o.Forgetting)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("-forgetting: %w", err)
 	}
 	examples, _, err := data.Tokenize(f, tok, data.Options{SeqLen: o.Seq, EOS: eos})
 	if err != nil {
@@ -556,7 +712,7 @@ func (k runKey) differences(other runKey) string {
 	add("-steps", k.Steps, other.Steps)
 	add("-batch", k.Batch, other.Batch)
 	add("-seq", k.Seq, other.Seq)
-	add("-warmup", k.Warmup, other.Warmup)
+	add("-warmup (a tenth of -steps unless given)", k.Warmup, other.Warmup)
 	add("-grad-accum", k.GradAccum, other.GradAccum)
 	add("-lr", k.LR, other.LR)
 	add("-seed", k.Seed, other.Seed)
@@ -567,14 +723,14 @@ func (k runKey) differences(other runKey) string {
 	return "it has " + strings.Join(out, "; ")
 }
 
-// lastCheckpoint finds the highest-numbered complete checkpoint-N in dir ("" if none).
-func lastCheckpoint(dir string) (string, int, error) {
+// checkpointSteps lists the steps of dir's complete checkpoint-N folders, in order.
+func checkpointSteps(dir string) ([]int, error) {
 	entries, err := os.ReadDir(dir)
 	if errors.Is(err, fs.ErrNotExist) {
-		return "", 0, nil
+		return nil, nil
 	}
 	if err != nil {
-		return "", 0, err
+		return nil, err
 	}
 	var steps []int
 	for _, e := range entries {
@@ -586,10 +742,16 @@ func lastCheckpoint(dir string) (string, int, error) {
 			steps = append(steps, n)
 		}
 	}
-	if len(steps) == 0 {
-		return "", 0, nil
-	}
 	sort.Ints(steps)
+	return steps, nil
+}
+
+// lastCheckpoint finds the highest-numbered complete checkpoint-N in dir ("" if none).
+func lastCheckpoint(dir string) (string, int, error) {
+	steps, err := checkpointSteps(dir)
+	if err != nil || len(steps) == 0 {
+		return "", 0, err
+	}
 	last := steps[len(steps)-1]
 	return filepath.Join(dir, fmt.Sprintf("checkpoint-%d", last)), last, nil
 }

@@ -166,7 +166,34 @@ func TestEarlyStopping(t *testing.T) {
 	require.Equal(t, 1, res.BestStep)
 	require.DirExists(t, filepath.Join(o.Out, "checkpoint-3"))
 	require.NoDirExists(t, filepath.Join(o.Out, "checkpoint-4"))
-	require.FileExists(t, filepath.Join(o.Out, peft.AdapterWeightsFile))
+	require.Equal(t, readFile(t, filepath.Join(o.Out, "best", peft.AdapterWeightsFile)), readFile(t, filepath.Join(o.Out, peft.AdapterWeightsFile)),
+		"after an early stop the folder holds the best adapter")
+	require.Equal(t, 3, res.Steps, "the steps that ran")
+}
+
+// A new run into a folder that holds one is refused; -resume continues it, and with nothing to
+// continue says so. Only the newest -keep-checkpoints folders stay, and the model's tokenizer is
+// copied beside the adapter.
+func TestOutFolder(t *testing.T) {
+	var log bytes.Buffer
+	o := baseOptions(filepath.Join(t.TempDir(), "run"))
+	o.Resume, o.KeepCheckpoints, o.EvalEvery, o.output = true, 1, 2, &log
+	_, err := run(o)
+	require.NoError(t, err)
+	require.Contains(t, log.String(), "no checkpoint in "+o.Out+": starting a new run")
+	entries, err := os.ReadDir(o.Out)
+	require.NoError(t, err)
+	var names []string
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), ".") {
+			names = append(names, e.Name())
+		}
+	}
+	require.Equal(t, []string{peft.AdapterConfigFile, peft.AdapterWeightsFile, "best", "checkpoint-8", "log.jsonl", "loss.png", "tokenizer.json", "tokenizer_config.json"}, names)
+
+	o.Resume = false
+	_, err = run(o)
+	require.ErrorContains(t, err, "already holds a run (checkpoint-8): continue it with -resume, or give another -out")
 }
 
 // Bad command lines and data are errors that say what is wrong.
@@ -188,7 +215,10 @@ func TestErrors(t *testing.T) {
 		{"no data", func(o *options) { o.Data = "" }, "-data is required"},
 		{"unknown method", func(o *options) { o.Method = "dora" }, `-method "dora": want lora, qlora`},
 		{"bad line", func(o *options) { o.Data = bad }, `bad.jsonl:2: a prompt/completion record without "completion"`},
-		{"chat data, no template", func(o *options) { o.Data = chatData }, "holds chat records and the model has no chat template"},
+		{"chat data, no template", func(o *options) { o.Data = chatData }, "holds chat records, and -model stories260K: chat: tokenizer_config.json: field chat_template: the model has no chat template"},
+		{"misspelt target", func(o *options) { o.Targets = "q_proj, v_porj" }, `-targets: the model has no linear layer named "v_porj" (it has down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)`},
+		{"negative rate", func(o *options) { o.LR = -1 }, "-lr must be > 0, got -1"},
+		{"folder without valid.jsonl", func(o *options) { o.Data = dir }, "has no train.jsonl: a folder needs train.jsonl and valid.jsonl; or give one .jsonl file"},
 		{"too few records to split", func(o *options) { o.Data = filepath.Join("testdata", "valid.jsonl"); o.ValidShare = 0.01 }, "holds out 0 of them"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -45,7 +45,7 @@ func TestFormsAndLossMasks(t *testing.T) {
 	eos := tok.EOS()
 
 	t.Run("text", func(t *testing.T) {
-		ex, stats, err := data.Tokenize(parse(t, `{"text": "Once upon a time", "id": 7}`+"\n\n"), tok, data.Options{SeqLen: 64, EOS: eos})
+		ex, stats, err := data.Tokenize(parse(t, "\xef\xbb\xbf"+`{"text": "Once upon a time", "id": 7}`+"\n\n"), tok, data.Options{SeqLen: 64, EOS: eos})
 		require.NoError(t, err)
 		want := append(tok.Encode("Once upon a time"), eos)
 		require.Equal(t, ints(want), ex[0].IDs)
@@ -148,7 +148,8 @@ func TestSeqLen(t *testing.T) {
 func TestMalformedLines(t *testing.T) {
 	for _, tc := range []struct{ name, jsonl, want string }{
 		{"not JSON", `{"text": "a"}` + "\n" + `{"text": "b"`, "train.jsonl:2: not a JSON object"},
-		{"not an object", `["text", "a"]`, "train.jsonl:1: not a JSON object"},
+		{"not an object", `["text", "a"]`, "train.jsonl:1: not a JSON object but a JSON array"},
+		{"null completion", `{"prompt": "a", "completion": null}`, `train.jsonl:1: field "completion" is null, not a string`},
 		{"no known field", `{"content": "a"}`, `train.jsonl:1: no "text", "prompt"/"completion" or "messages" field`},
 		{"two forms", `{"text": "a", "prompt": "b", "completion": "c"}`, "train.jsonl:1: fields of more than one form"},
 		{"prompt alone", `{"prompt": "a"}`, `train.jsonl:1: a prompt/completion record without "completion"`},

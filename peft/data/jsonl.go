@@ -84,7 +84,11 @@ func ParseJSONL(name string, r io.Reader) (*File, error) {
 	line := 0
 	for sc.Scan() {
 		line++
-		text := bytes.TrimSpace(sc.Bytes())
+		text := sc.Bytes()
+		if line == 1 {
+			text = bytes.TrimPrefix(text, []byte("\xef\xbb\xbf")) // a UTF-8 byte-order mark, as some editors write
+		}
+		text = bytes.TrimSpace(text)
 		if len(text) == 0 {
 			continue
 		}
@@ -116,6 +120,10 @@ func ParseJSONL(name string, r io.Reader) (*File, error) {
 func parseRecord(line []byte) (Record, Format, error) {
 	var fields map[string]json.RawMessage
 	if err := json.Unmarshal(line, &fields); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) {
+			return Record{}, "", fmt.Errorf("not a JSON object but a JSON %s", typeErr.Value)
+		}
 		return Record{}, "", fmt.Errorf("not a JSON object: %w", err)
 	}
 	_, hasText := fields["text"]
@@ -160,6 +168,9 @@ func stringField(fields map[string]json.RawMessage, name string, emptyOK bool) (
 	raw, ok := fields[name]
 	if !ok {
 		return "", fmt.Errorf("no field %q", name)
+	}
+	if string(raw) == "null" {
+		return "", fmt.Errorf("field %q is null, not a string", name)
 	}
 	var s string
 	if err := json.Unmarshal(raw, &s); err != nil {
