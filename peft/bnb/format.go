@@ -159,6 +159,17 @@ func QuantizedNames(f *safetensors.File) []string {
 // parts (or none of them), and no other tensor is named name.<something>. Any disagreement is an
 // error that names the tensor.
 func FromTensors(f *safetensors.File, name string) (*Quantized, error) {
+	var beside []*safetensors.Tensor
+	for i := range f.Tensors {
+		if strings.HasPrefix(f.Tensors[i].Name, name+".") {
+			beside = append(beside, &f.Tensors[i])
+		}
+	}
+	return fromTensors(f, name, beside)
+}
+
+// fromTensors is FromTensors given the tensors named name.<something>.
+func fromTensors(f *safetensors.File, name string, beside []*safetensors.Tensor) (*Quantized, error) {
 	fail := func(format string, args ...any) error {
 		return fmt.Errorf("bnb: %s: %s", name, fmt.Sprintf(format, args...))
 	}
@@ -167,12 +178,8 @@ func FromTensors(f *safetensors.File, name string) (*Quantized, error) {
 		return t
 	}
 	var stateTensor *safetensors.Tensor
-	for i := range f.Tensors {
-		t := &f.Tensors[i]
-		rest, ok := strings.CutPrefix(t.Name, name+".")
-		if !ok {
-			continue
-		}
+	for _, t := range beside {
+		rest := strings.TrimPrefix(t.Name, name+".")
 		switch {
 		case strings.HasPrefix("."+rest, SuffixQuantState):
 			if stateTensor != nil {
@@ -350,8 +357,28 @@ func QuantizeFile(f *safetensors.File, opts Options) ([]safetensors.Tensor, erro
 // file order. A companion tensor (X.absmax, X.quant_map, …) without its X.quant_state is an error.
 func ReadFile(f *safetensors.File) (quantized map[string]*Quantized, others []safetensors.Tensor, err error) {
 	quantized = map[string]*Quantized{}
-	for _, name := range QuantizedNames(f) {
-		if quantized[name], err = FromTensors(f, name); err != nil {
+	names := QuantizedNames(f)
+	beside := make(map[string][]*safetensors.Tensor, len(names))
+	for _, name := range names {
+		beside[name] = nil
+	}
+	// Each tensor goes to the weight whose name is a prefix of its own up to a dot: one pass
+	// over the names, however many weights (a scan per weight was quadratic).
+	for i := range f.Tensors {
+		t := &f.Tensors[i]
+		for at := strings.IndexByte(t.Name, '.'); at > 0; {
+			if _, ok := beside[t.Name[:at]]; ok {
+				beside[t.Name[:at]] = append(beside[t.Name[:at]], t)
+			}
+			next := strings.IndexByte(t.Name[at+1:], '.')
+			if next < 0 {
+				break
+			}
+			at += 1 + next
+		}
+	}
+	for _, name := range names {
+		if quantized[name], err = fromTensors(f, name, beside[name]); err != nil {
 			return nil, nil, err
 		}
 	}

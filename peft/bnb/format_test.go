@@ -194,3 +194,33 @@ func TestQuantizeFileRoundTrip(t *testing.T) {
 	require.ErrorContains(t, err, "got 100")
 	require.False(t, math.IsNaN(float64(got[0])))
 }
+
+// BenchmarkReadFile reads a file of many small 4-bit weights (a quantized model has hundreds):
+// the time per weight must not grow with their number.
+//
+//	go test -run '^$' -bench ReadFile ./peft/bnb/
+func BenchmarkReadFile(b *testing.B) {
+	for _, n := range []int{256, 4096} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			opts := bnb.Options{Type: bnb.NF4, BlockSize: 64, DoubleQuant: true}
+			var tensors []safetensors.Tensor
+			for i := range n {
+				q, err := bnb.Quantize(make([]float32, 128), []int{2, 64}, opts)
+				require.NoError(b, err)
+				parts, err := q.Tensors(fmt.Sprintf("model.layers.%d.mlp.weight", i))
+				require.NoError(b, err)
+				tensors = append(tensors, parts...)
+			}
+			data, err := safetensors.Encode(tensors, nil)
+			require.NoError(b, err)
+			f, err := safetensors.Parse(data)
+			require.NoError(b, err)
+			for b.Loop() {
+				quantized, _, err := bnb.ReadFile(f)
+				require.NoError(b, err)
+				require.Len(b, quantized, n)
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(n), "ns/weight")
+		})
+	}
+}

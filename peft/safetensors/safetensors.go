@@ -88,11 +88,17 @@ type File struct {
 	Tensors []Tensor
 	// Metadata is the "__metadata__" map; never nil after Read or Parse.
 	Metadata map[string]string
+
+	index map[string]int // position of each name in Tensors, built by Read and Parse
 }
 
 // Get returns the tensor with the given name, if present. The pointer refers to
-// the element of f.Tensors.
+// the element of f.Tensors. It takes constant time on a file from Read or Parse (an index built
+// then; a File changed or built by hand falls back to a scan).
 func (f *File) Get(name string) (*Tensor, bool) {
+	if i, ok := f.index[name]; ok && i < len(f.Tensors) && f.Tensors[i].Name == name {
+		return &f.Tensors[i], true
+	}
 	for i := range f.Tensors {
 		if f.Tensors[i].Name == name {
 			return &f.Tensors[i], true
@@ -271,6 +277,10 @@ func Parse(data []byte) (*File, error) {
 		return nil, fmt.Errorf("safetensors: %d trailing bytes after the last tensor are not covered by any tensor", len(body)-pos)
 	}
 	file.Tensors = sorted
+	file.index = make(map[string]int, len(sorted))
+	for i, t := range sorted {
+		file.index[t.Name] = i
+	}
 	return file, nil
 }
 

@@ -147,6 +147,9 @@ func Parse(data []byte) (*Tokenizer, error) {
 	if t.normalizer, err = parseNormalizer(f.Normalizer, 0); err != nil {
 		return nil, err
 	}
+	if g := growth(t.normalizer); g > maxNormalizerGrowth {
+		return nil, errorf("normalizer: its Replace steps can grow a text %.3g times (a chain of replacements that each lengthen it); the limit is %d", g, maxNormalizerGrowth)
+	}
 	if t.preTokenizer, err = parsePreTokenizer(f.PreTokenizer, 0); err != nil {
 		return nil, err
 	}
@@ -407,6 +410,31 @@ func stringPattern(c *component, what string) (string, error) {
 		return "", errorf("%s Replace has no content", what)
 	}
 	return *c.Pattern.String, nil
+}
+
+// maxNormalizerGrowth bounds how many times the normalizer may lengthen a text: real files grow
+// it by one (Llama-2's space→▁ is 1→3 bytes, a prefix adds a constant), a chain of
+// lengthening Replace steps multiplies, and 26 chained a→aa take gigabytes to encode "a".
+const maxNormalizerGrowth = 16
+
+// growth is the most the normalizer can multiply a text's length by (a Prepend adds a constant,
+// counted as nothing; NFKC's expansions are at most 18×, counted as 3, the usual worst for text).
+func growth(n normalizer) float64 {
+	switch n := n.(type) {
+	case normSequence:
+		g := 1.0
+		for _, step := range n {
+			g *= growth(step)
+		}
+		return g
+	case normReplace:
+		return max(1, float64(len(n.to))/float64(len(n.from)))
+	case unicodeNormalizer:
+		if n.form == norm.NFKC || n.form == norm.NFKD {
+			return 3
+		}
+	}
+	return 1
 }
 
 func parseNormalizer(raw json.RawMessage, depth int) (normalizer, error) {

@@ -419,6 +419,15 @@ func TestParseErrors(t *testing.T) {
 			model(m)["type"] = "WordPiece"
 			return mustMarshal(t, m)
 		}, `model type "WordPiece"`, true},
+		{"normalizers that grow the text without bound", func() []byte {
+			m := base()
+			var steps []any
+			for range 26 {
+				steps = append(steps, map[string]any{"type": "Replace", "pattern": map[string]any{"String": "a"}, "content": "aa"})
+			}
+			m["normalizer"] = map[string]any{"type": "Sequence", "normalizers": steps}
+			return mustMarshal(t, m)
+		}, "its Replace steps can grow a text 6.71e+07 times (a chain of replacements that each lengthen it); the limit is 16", false},
 		{"missing vocab", func() []byte {
 			m := base()
 			delete(model(m), "vocab")
