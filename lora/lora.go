@@ -144,6 +144,12 @@ func (l *LoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 	l.targets = map[string]*target{}
 	l.order = nil
 	var oversized []string
+	for _, layer := range selected { // refuse an absurd rank before allocating anything
+		rank, _, _ := l.cfg.resolve(layer.Path)
+		if err := peft.CheckRank(layer, rank); err != nil {
+			return fmt.Errorf("lora: %w", err)
+		}
+	}
 	for _, layer := range selected {
 		rank, _, scale := l.cfg.resolve(layer.Path)
 		if rank > min(layer.In, layer.Out) {

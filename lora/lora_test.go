@@ -248,4 +248,11 @@ func TestRankAboveLayerSizeIsLogged(t *testing.T) {
 	logged.Reset()
 	pefttest.NewModel(t, newLoRA(t, nil))
 	require.Empty(t, logged.String())
+
+	// An absurd rank (an adapter_config.json's "r": 100000000) is refused before anything is
+	// allocated for it.
+	method, err := lora.New(func() lora.Config { c := lora.DefaultConfig(); c.Rank = 100_000_000; return c }())
+	require.NoError(t, err)
+	err = pefttest.NewModelErr(method)
+	require.ErrorContains(t, err, "lora: rank 100000000 on model.layers.0.self_attn.q_proj (32×32) would hold 6400000000 values, over 64 times the weight it adapts")
 }

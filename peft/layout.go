@@ -1,9 +1,11 @@
 package peft
 
 import (
-	"github.com/gomlx/gomlx/pkg/core/shapes"
+	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/gomlx/gomlx/pkg/core/shapes"
 
 	"github.com/gomlx/gomlx/pkg/core/graph"
 	"github.com/gomlx/gomlx/pkg/ml/context"
@@ -207,4 +209,19 @@ func LayerIndex(scopeOrPath string) int {
 		}
 	}
 	return -1
+}
+
+// MaxRankGrowth bounds a low-rank adapter on a layer: its factors may hold at most this many times
+// the values of the weight they adapt. A rank above min(in, out) already adds nothing; this refuses
+// only the absurd (an adapter_config.json's "r": 100000000), before it is allocated.
+const MaxRankGrowth = 64
+
+// CheckRank returns an error if factors of rank r on layer ([in, r] and [r, out]) would hold
+// over MaxRankGrowth times the layer's weight.
+func CheckRank(layer *LinearLayer, r int) error {
+	if n := int64(r) * int64(layer.In+layer.Out); n > MaxRankGrowth*int64(layer.In)*int64(layer.Out) {
+		return fmt.Errorf("rank %d on %s (%d×%d) would hold %d values, over %d times the weight it adapts: a rank this large is a mistake (an adapter_config.json's r?)",
+			r, layer.Path, layer.In, layer.Out, n, MaxRankGrowth)
+	}
+	return nil
 }

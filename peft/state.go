@@ -546,6 +546,9 @@ func (m *Model) loadOwn(dir string, o loadOptions) error {
 		stateName = saved.StateFile
 	}
 	statePath := filepath.Join(dir, stateName)
+	if err := checkRegular(statePath); err != nil { // a link to /dev/zero would be read without end
+		return err
+	}
 	state, err := os.ReadFile(statePath)
 	if err != nil {
 		return err

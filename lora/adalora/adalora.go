@@ -320,6 +320,11 @@ func (a *AdaLoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 	if a.modules, err = peft.ModulesToSave(layout, a.cfg.ModulesToSave); err != nil {
 		return fmt.Errorf("adalora: %w", err)
 	}
+	for _, layer := range selected { // refuse an absurd rank before allocating anything
+		if err := peft.CheckRank(layer, a.cfg.InitRank); err != nil {
+			return fmt.Errorf("adalora: %w", err)
+		}
+	}
 	rng := peft.NewRand(a.cfg.Seed)
 	r := a.cfg.InitRank
 	a.targets = map[string]*target{}
