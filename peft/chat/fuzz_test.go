@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 	"unicode/utf8"
 
 	"github.com/stretchr/testify/require"
@@ -43,5 +44,25 @@ func FuzzAssistantSpans(f *testing.F) {
 		}
 		ts := toks.Assistant[0]
 		require.Equal(t, norm.NFC.String(assistant)+"<|im_end|>", tok.Decode(toks.IDs[ts.Start:ts.End], false))
+	})
+}
+
+// FuzzTemplate: any template source either fails to compile or to render with an error, or
+// renders; the engine never takes the program down. Seeds: the real templates.
+func FuzzTemplate(f *testing.F) {
+	paths, err := filepath.Glob(filepath.Join("testdata", "templates", "*.jinja"))
+	require.NoError(f, err)
+	for _, p := range paths {
+		src, err := os.ReadFile(p)
+		require.NoError(f, err)
+		f.Add(string(src))
+	}
+	msgs := []chat.Message{{Role: "system", Content: "s"}, {Role: "user", Content: "u"}, {Role: "assistant", Content: "a"}}
+	f.Fuzz(func(t *testing.T, src string) {
+		tmpl, err := chat.Parse(src, map[string]string{"bos_token": "<s>", "eos_token": "</s>"})
+		if err != nil {
+			return
+		}
+		_, _ = tmpl.Render(msgs, chat.Options{AddGenerationPrompt: true, Now: time.Unix(0, 0)})
 	})
 }
