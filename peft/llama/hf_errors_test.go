@@ -273,3 +273,25 @@ func TestWeightLinks(t *testing.T) {
 		})
 	}
 }
+
+// Loading into a context that holds another model, whose variables have other shapes, is refused
+// before any variable is changed.
+func TestLoadIntoAFilledContextChangesNothing(t *testing.T) {
+	ctx := context.New()
+	_, err := llama.LoadPretrained(ctx, filepath.Join("..", "stories260k", "testdata", "stories260K"))
+	require.NoError(t, err)
+	before := map[string][]float32{}
+	for v := range ctx.IterVariables() {
+		values, err := peft.Float32s(v)
+		require.NoError(t, err)
+		before[v.ScopeAndName()] = values
+	}
+	_, err = llama.LoadPretrained(ctx, filepath.Join("testdata", "families", "llama3"))
+	require.ErrorContains(t, err, "the context already holds /model/embed_tokens/embeddings as (Float32)[512 64], the checkpoint's model.embed_tokens.weight is [64 32]: load into a new context")
+	require.Equal(t, len(before), ctx.NumVariables())
+	for v := range ctx.IterVariables() {
+		values, err := peft.Float32s(v)
+		require.NoError(t, err)
+		require.Equal(t, before[v.ScopeAndName()], values, v.ScopeAndName())
+	}
+}
