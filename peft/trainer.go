@@ -209,18 +209,7 @@ func (t *Trainer) skipError(step int) error {
 }
 
 // skippedSteps reads the optimizer's count of skipped steps.
-func (t *Trainer) skippedSteps() int64 {
-	v := t.model.ctx.GetVariableByScopeAndName(context.ScopeSeparator+optimizerScope, skippedStepsName)
-	if v == nil {
-		return 0
-	}
-	value, err := v.Value()
-	if err != nil {
-		return 0
-	}
-	n, _ := value.Value().(int64)
-	return n
-}
+func (t *Trainer) skippedSteps() int64 { return int64(t.optimizerValue(skippedStepsName)) }
 
 // syncGraphs drops the trainer's compiled graphs if the model was merged or unmerged since they
 // were built: they would compute the old model.
