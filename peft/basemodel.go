@@ -192,7 +192,7 @@ func CheckExport(ctx *context.Context) error {
 	defer reg.mu.Unlock()
 	for _, wp := range reg.models {
 		m := wp.Value()
-		if m == nil || m.method == nil || m.Merged() {
+		if m == nil || m.method == nil || m.isMerged() {
 			continue
 		}
 		base := map[*context.Variable]bool{}

@@ -83,7 +83,7 @@ func (t *Trainer) SaveCheckpoint(dir string, extra any) error {
 	if len(t.microLosses) != 0 {
 		return errors.New("peft.Trainer.SaveCheckpoint: in the middle of accumulating a step")
 	}
-	if t.model.Merged() {
+	if t.model.isMerged() {
 		return ErrMerged
 	}
 	state := trainerState{
@@ -132,6 +132,9 @@ func (t *Trainer) SaveCheckpoint(dir string, extra any) error {
 // ReadCheckpoint reads the step of the checkpoint in dir and the caller's state saved with it
 // into extra (if not nil), without loading anything: to check that a run may resume from it.
 func ReadCheckpoint(dir string, extra any) (step int, err error) {
+	if err := atomicfile.RecoverDir(dir); err != nil { // a save killed while it replaced the folder
+		return 0, fmt.Errorf("peft.ReadCheckpoint: %w", err)
+	}
 	data, err := readBounded(filepath.Join(dir, TrainerStateFile), maxConfigBytes)
 	if err != nil {
 		return 0, fmt.Errorf("peft.ReadCheckpoint: %w", err)
@@ -160,6 +163,9 @@ func (t *Trainer) LoadCheckpoint(dir string, extra any) error {
 	defer t.model.state.Unlock()
 	fail := func(format string, args ...any) error {
 		return fmt.Errorf("peft.Trainer.LoadCheckpoint: %s: %s", dir, fmt.Sprintf(format, args...))
+	}
+	if err := atomicfile.RecoverDir(dir); err != nil { // a save killed while it replaced the folder
+		return fail("%v", err)
 	}
 	data, err := readBounded(filepath.Join(dir, TrainerStateFile), maxConfigBytes)
 	if err != nil {

@@ -18,6 +18,7 @@ import (
 	"github.com/gomlx/gomlx/pkg/ml/context"
 
 	"peft/peft/atomicfile"
+	"peft/peft/files"
 	"peft/peft/safetensors"
 )
 
@@ -406,12 +407,8 @@ func ListOrNull(names []string) any {
 // checkRegular errs unless path is a regular file (after links), before anything opens it: opening
 // a named pipe would block.
 func checkRegular(path string) error {
-	info, err := os.Stat(path)
-	if err != nil {
-		return fmt.Errorf("peft: %w", err)
-	}
-	if !info.Mode().IsRegular() {
-		return fmt.Errorf("peft: %s is not a regular file", path)
+	if err := files.Check(os.DirFS(filepath.Dir(path)), filepath.Base(path)); err != nil {
+		return fmt.Errorf("peft: %s: %w", filepath.Dir(path), err)
 	}
 	return nil
 }
@@ -501,7 +498,7 @@ func folderFormat(dir string) (Format, bool) {
 	// A save cut short after its commit is completed first (atomicfile.WriteFiles); if that
 	// cannot be done here (a read-only folder), the files are read as they are and the
 	// configuration's pin on its tensors catches a mix.
-	_ = atomicfile.Finish(dir)
+	_ = atomicfile.Complete(dir)
 	if info, err := os.Stat(filepath.Join(dir, AdapterConfigFile)); err == nil && !info.IsDir() {
 		return FormatPEFT, true
 	}

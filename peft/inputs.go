@@ -19,6 +19,9 @@ func (m *Model) CheckInputs(inputs []*tensors.Tensor) error {
 	if n := max(m.layout.NumInputs, 2); len(inputs) > n {
 		return fmt.Errorf("the model takes token ids and a mask, got %d inputs", len(inputs))
 	}
+	if inputs[0].Shape().Size() == 0 {
+		return fmt.Errorf("inputs[0] (token ids) is shaped %v: no tokens", inputs[0].Shape().Dimensions)
+	}
 	if err := checkIDs("inputs[0] (token ids outside the vocabulary)", inputs[0], m.layout.Embeddings[0].Vocab); err != nil {
 		return err
 	}
@@ -30,19 +33,27 @@ func (m *Model) CheckInputs(inputs []*tensors.Tensor) error {
 	return nil
 }
 
-// CheckLabels checks a batch's labels against the model's first output: class labels (labels[0]
-// of a model whose output is [batch, classes]) in [0, classes), token ids (labels[0] of a
-// language model, [batch, seq, vocab]) in the vocabulary.
-func (m *Model) CheckLabels(labels []*tensors.Tensor) error {
-	if len(labels) == 0 || len(m.layout.Outputs) == 0 {
+// CheckLabels checks a batch's integer labels against its inputs and the model's first output:
+// for a classifier ([batch, classes]) labels[0] holds one class per example, in [0, classes);
+// for a language model ([batch, seq, vocab]) labels[0] is token ids shaped as inputs[0], in the
+// vocabulary. Float labels (a regression, a distillation target) are the loss's to check.
+func (m *Model) CheckLabels(inputs, labels []*tensors.Tensor) error {
+	if len(labels) == 0 || len(inputs) == 0 || len(m.layout.Outputs) == 0 || !labels[0].DType().IsInt() {
 		return nil
 	}
-	out := m.layout.Outputs[0]
-	switch {
-	case out.Rank() == 2 && labels[0].DType().IsInt():
-		return checkIDs(fmt.Sprintf("labels[0] (classes outside the %d of the output)", out.Dim(1)), labels[0], out.Dim(1))
-	case out.Rank() == 3 && labels[0].DType().IsInt():
-		return checkIDs("labels[0] (token ids outside the vocabulary)", labels[0], out.Dim(2))
+	out, l, ids := m.layout.Outputs[0], labels[0], inputs[0]
+	batch := ids.Shape().Dim(0)
+	switch out.Rank() {
+	case 2:
+		if l.Rank() == 0 || l.Shape().Size() != batch || l.Shape().Dim(0) != batch {
+			return fmt.Errorf("labels[0] (classes) is %s, a classifier wants one integer class per example: [%d] or [%d 1]", l.Shape(), batch, batch)
+		}
+		return checkIDs(fmt.Sprintf("labels[0] (classes outside the %d of the output)", out.Dim(1)), l, out.Dim(1))
+	case 3:
+		if !slices.Equal(l.Shape().Dimensions, ids.Shape().Dimensions) {
+			return fmt.Errorf("labels[0] (token ids) is %s, a language model wants integer ids shaped as inputs[0] %v", l.Shape(), ids.Shape().Dimensions)
+		}
+		return checkIDs("labels[0] (token ids outside the vocabulary)", l, out.Dim(2))
 	}
 	return nil
 }

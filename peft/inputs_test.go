@@ -36,7 +36,14 @@ func TestInputsAreChecked(t *testing.T) {
 	_, err := m.Call(ids(1, 2, 63), ids(1, 1, 1))
 	require.NoError(t, err)
 
+	_, err = m.Call(tensors.FromFlatDataAndDimensions([]int32{}, 1, 0))
+	require.ErrorContains(t, err, "inputs[0] (token ids) is shaped [1 0]: no tokens")
+
 	trainer := newTrainer(t, m, 3)
+	one := pefttest.ToyBatches(1, 3)
+	one[0].Labels = []*tensors.Tensor{tensors.FromFlatDataAndDimensions([]int32{1}, 1, 1)}
+	_, err = trainer.Train(peft.NewDataset("train", one, true))
+	require.ErrorContains(t, err, "labels[0] (classes) is (Int32)[1 1], a classifier wants one integer class per example: [16] or [16 1]")
 	batches := pefttest.ToyBatches(2, 3)
 	batches[1].Labels = []*tensors.Tensor{tensors.FromFlatDataAndDimensions(make([]int32, pefttest.Batch), pefttest.Batch, 1)}
 	tensors.MutableFlatData(batches[1].Labels[0], func(flat []int32) { flat[3] = 7 })

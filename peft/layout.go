@@ -219,8 +219,9 @@ const MaxRankGrowth = 64
 // CheckRank returns an error if factors of rank r on layer ([in, r] and [r, out]) would hold
 // over MaxRankGrowth times the layer's weight.
 func CheckRank(layer *LinearLayer, r int) error {
-	if n := int64(r) * int64(layer.In+layer.Out); n > MaxRankGrowth*int64(layer.In)*int64(layer.Out) {
-		return fmt.Errorf("rank %d on %s (%d×%d) would hold %d values, over %d times the weight it adapts: a rank this large is a mistake (an adapter_config.json's r?)",
+	// In float64: a hostile r would overflow an int64 product.
+	if n := float64(r) * float64(layer.In+layer.Out); n > MaxRankGrowth*float64(layer.In)*float64(layer.Out) {
+		return fmt.Errorf("rank %d on %s (%d×%d) would hold %.0f values, over %d times the weight it adapts: a rank this large is a mistake (an adapter_config.json's r?)",
 			r, layer.Path, layer.In, layer.Out, n, MaxRankGrowth)
 	}
 	return nil

@@ -35,9 +35,15 @@ func TestLoadRefusesLinks(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			require.NoError(t, tc.m.Save(dir))
+			// The file moved out of the folder and linked back: refused, though it is the right file.
+			outside := filepath.Join(t.TempDir(), tc.file)
+			require.NoError(t, os.Rename(filepath.Join(dir, tc.file), outside))
+			require.NoError(t, os.Symlink(outside, filepath.Join(dir, tc.file)))
+			err := tc.m.Load(dir)
+			require.ErrorContains(t, err, tc.file+" is a symbolic link out of the folder")
 			require.NoError(t, os.Remove(filepath.Join(dir, tc.file)))
 			require.NoError(t, os.Symlink("/dev/zero", filepath.Join(dir, tc.file)))
-			err := tc.m.Load(dir)
+			err = tc.m.Load(dir)
 			require.Error(t, err)
 			require.Contains(t, err.Error(), tc.file)
 		})

@@ -286,10 +286,28 @@ func (m *Model) withMerger(op string, fn func(Merger) error) error {
 	return catch("peft.Model."+op, func() error { return fn(merger) })
 }
 
-// Merged reports whether the method's update is currently merged into the base weights.
+// Merged reports whether the method's update is currently merged into the base weights. It
+// waits for a Merge or Unmerge under way.
 func (m *Model) Merged() bool {
+	m.state.RLock()
+	defer m.state.RUnlock()
+	return m.isMerged()
+}
+
+// isMerged is Merged for callers that hold the state lock.
+func (m *Model) isMerged() bool {
 	merger, ok := m.method.(Merger)
 	return ok && merger.Merged()
+}
+
+// WithExclusive runs fn while the model is used by nothing else: no call, save, load, merge or
+// training runs meanwhile. Code that reads or writes the model's variables through its context
+// uses it, such as an export (llama.SaveHF of m.Context()) while other goroutines serve calls.
+// fn must not call the model's own methods, which would wait for it.
+func (m *Model) WithExclusive(fn func() error) error {
+	m.state.Lock()
+	defer m.state.Unlock()
+	return fn()
 }
 
 func (m *Model) methodName() string {

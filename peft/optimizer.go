@@ -94,10 +94,12 @@ type AdamW struct {
 	ClipNorm float64
 	Schedule Schedule
 	// DivergenceFactor skips (and the trainer then stops at) a step whose loss is over this many
-	// times its running average, once the average has seen a few steps; 0 disables the check.
+	// times its running average (or 1, whichever is larger), once the average has seen a few
+	// steps; 0 disables the check.
 	DivergenceFactor float64
 	// MaxUpdateRatio skips a step whose update's norm is over this many times the norm of the
-	// weights it updates (a learning rate far too high); 0 disables the check.
+	// weights it updates (at least 0.01 per value): a learning rate far too high; 0 disables the
+	// check.
 	MaxUpdateRatio float64
 	// Accumulate is the number of micro-batches whose gradients make one step (0 or 1: every
 	// batch is a step). Each micro-batch is weighted by its loss weight (NextTokenLoss's scored
@@ -208,12 +210,17 @@ func (o *AdamW) UpdateGraph(ctx *context.Context, g *graph.Graph, loss *graph.No
 	}
 	emaVar, emaCountVar := scalarVar("loss_average", float32(0)), scalarVar("loss_average_steps", int64(0))
 	ema, emaCount := emaVar.ValueGraph(g), emaCountVar.ValueGraph(g)
-	ratio := graph.Div(graph.Sqrt(deltaSquares), graph.AddScalar(graph.Sqrt(weightSquares), 1e-12))
+	// The weights' norm has a floor of 0.01 per value, so that weights starting at zero (a new
+	// bias, LoRA's B) take ordinary steps.
+	floor := 0.01 * math.Sqrt(float64(numValues(vars)))
+	ratio := graph.Div(graph.Sqrt(deltaSquares), graph.Max(graph.Sqrt(weightSquares), graph.Scalar(g, dtypes.Float32, floor)))
 	falseNode := graph.Const(g, false)
 	grown, tooLarge := falseNode, falseNode
 	if o.DivergenceFactor > 0 {
+		// Judged against an average of at least 1: a loss trained down to 1e-5 on repeated data
+		// may rise to an ordinary 1 on a fresh batch without diverging.
 		grown = graph.LogicalAnd(graph.GreaterOrEqual(emaCount, graph.Scalar(g, dtypes.Int64, divergenceWarmup)),
-			graph.GreaterThan(stepLoss, graph.MulScalar(ema, o.DivergenceFactor)))
+			graph.GreaterThan(stepLoss, graph.MulScalar(graph.Max(ema, graph.Scalar(g, dtypes.Float32, 1)), o.DivergenceFactor)))
 	}
 	if o.MaxUpdateRatio > 0 {
 		tooLarge = graph.GreaterThan(ratio, graph.Scalar(g, dtypes.Float32, o.MaxUpdateRatio))
@@ -249,6 +256,15 @@ func (o *AdamW) UpdateGraph(ctx *context.Context, g *graph.Graph, loss *graph.No
 		u.m1Var.SetValueGraph(graph.Where(applied, u.m1, u.m1Old))
 		u.m2Var.SetValueGraph(graph.Where(applied, u.m2, u.m2Old))
 	}
+}
+
+// numValues is the number of values of vars.
+func numValues(vars []*context.Variable) int {
+	n := 0
+	for _, v := range vars {
+		n += v.Shape().Size()
+	}
+	return n
 }
 
 // divergenceWarmup is the number of good steps the loss average needs before a loss is judged

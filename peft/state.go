@@ -102,7 +102,7 @@ func (m *Model) save(dir string) error {
 	if m.method == nil {
 		return errors.New("peft.Model.Save: the model has no method to save")
 	}
-	if m.Merged() {
+	if m.isMerged() {
 		return fmt.Errorf("peft.Model.Save: %w", ErrMerged)
 	}
 	cfgJSON, err := json.Marshal(m.method.Config())
@@ -446,7 +446,7 @@ func (m *Model) Load(dir string, opts ...LoadOption) error {
 	if m.method == nil {
 		return errors.New("peft.Model.Load: the model has no method to load into")
 	}
-	if m.Merged() {
+	if m.isMerged() {
 		return fmt.Errorf("peft.Model.Load: %w", ErrMerged)
 	}
 	o := loadOptionsOf(opts)

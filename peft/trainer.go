@@ -54,12 +54,13 @@ type TrainConfig struct {
 	// ClipNorm clips the global gradient norm. Default 1.0; negative disables clipping.
 	ClipNorm float64
 	// DivergenceFactor stops training, before the step is applied, when a step's loss is over
-	// this many times its running average (AdamW.DivergenceFactor). Default 100; negative
+	// this many times its running average, or 1 if larger (AdamW.DivergenceFactor). Default 100; negative
 	// disables the check.
 	DivergenceFactor float64
 	// MaxUpdateRatio stops training, before the step is applied, when an update's norm would be
 	// over this many times the norm of the trained weights (AdamW.MaxUpdateRatio): a learning
-	// rate far too high. Default 10; negative disables the check.
+	// rate far too high (the weights' norm counts at least 0.01 per value). Default 100; negative
+	// disables the check.
 	MaxUpdateRatio float64
 	// GradAccum is the number of batches whose gradients make one step (see AdamW.Accumulate):
 	// a step on K batches of B rows equals one on a batch of K·B rows. Steps count steps, not
@@ -129,7 +130,7 @@ func (c TrainConfig) withDefaults() (TrainConfig, error) {
 		c.DivergenceFactor = 100
 	}
 	if c.MaxUpdateRatio == 0 {
-		c.MaxUpdateRatio = 10
+		c.MaxUpdateRatio = 100
 	}
 	if math.IsNaN(c.DivergenceFactor) || math.IsNaN(c.MaxUpdateRatio) || (c.DivergenceFactor > 0 && c.DivergenceFactor <= 1) {
 		return c, fmt.Errorf("peft.TrainConfig: DivergenceFactor must be > 1 (or negative to disable), got %g; MaxUpdateRatio a number, got %g", c.DivergenceFactor, c.MaxUpdateRatio)
@@ -153,7 +154,9 @@ func (c TrainConfig) schedule() Schedule {
 	return Schedule{WarmupSteps: c.WarmupSteps, TotalSteps: c.Steps, Decay: c.Decay, MinRatio: c.MinLRRatio}
 }
 
-// Trainer trains a Model's method with GoMLX's training loop and our AdamW.
+// Trainer trains a Model's method with GoMLX's training loop and our AdamW. One goroutine drives
+// a trainer (its methods are not for concurrent use); while it trains, the model's calls, saves
+// and merges wait. A dataset must not call the model it trains.
 //
 // Steps count from the model's first training step: a second Trainer on the same model continues
 // its step count, schedule and optimizer state (to resume), and Train with Steps already reached
@@ -369,7 +372,7 @@ func (c *checkedDataset) Yield() (spec any, inputs, labels []*tensors.Tensor, er
 	if err := c.model.CheckInputs(inputs); err != nil {
 		return nil, nil, nil, fmt.Errorf("batch %d of %s: %w", c.batch, c.Name(), err)
 	}
-	if err := c.model.CheckLabels(labels); err != nil {
+	if err := c.model.CheckLabels(inputs, labels); err != nil {
 		return nil, nil, nil, fmt.Errorf("batch %d of %s: %w", c.batch, c.Name(), err)
 	}
 	return spec, inputs, labels, nil
@@ -416,7 +419,7 @@ func scalarFloat(t *tensors.Tensor) float64 {
 func (t *Trainer) Train(ds train.Dataset) ([]float64, error) {
 	t.model.state.Lock()
 	defer t.model.state.Unlock()
-	if t.model.Merged() {
+	if t.model.isMerged() {
 		return nil, ErrMerged
 	}
 	ds = t.checked(ds)
@@ -437,7 +440,7 @@ func (t *Trainer) Train(ds train.Dataset) ([]float64, error) {
 func (t *Trainer) TrainSteps(ds train.Dataset, n int) ([]float64, error) {
 	t.model.state.Lock()
 	defer t.model.state.Unlock()
-	if t.model.Merged() {
+	if t.model.isMerged() {
 		return nil, ErrMerged
 	}
 	ds = t.checked(ds)

@@ -120,6 +120,20 @@ func TestTrainingStopsWhenTheLossExplodes(t *testing.T) {
 	require.ErrorContains(t, err, "reached Dataset end after 4 steps")
 	require.Equal(t, trainableValues(t, ref), trainableValues(t, m))
 
+	// A loss trained down to a tiny average that rises to an ordinary value is no divergence.
+	small, err := peft.NewTrainer(pefttest.NewModel(t, newLoRA(t)), cfg)
+	require.NoError(t, err)
+	batches := scaledBatches(6, -1, 1)
+	for i := range 4 {
+		tensors.MutableFlatData(batches[i].Labels[1], func(f []float32) {
+			for j := range f {
+				f[j] = 1e-5
+			}
+		})
+	}
+	_, err = small.Train(peft.NewDataset("train", batches, true))
+	require.NoError(t, err)
+
 	cfg.DivergenceFactor = -1
 	off, err := peft.NewTrainer(pefttest.NewModel(t, newLoRA(t)), cfg)
 	require.NoError(t, err)

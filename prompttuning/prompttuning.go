@@ -84,6 +84,10 @@ type Config struct {
 	Seed uint64 `json:"seed"`
 }
 
+// maxVirtualTokens bounds num_virtual_tokens, so that a config cannot make Init allocate
+// gigabytes before anything checks it.
+const maxVirtualTokens = 8192
+
 // DefaultConfig returns 20 virtual tokens with the paper's random uniform initialization.
 func DefaultConfig() Config {
 	return Config{NumVirtualTokens: 20, Init: InitRandom}
@@ -94,6 +98,9 @@ func DefaultConfig() Config {
 func (c Config) Validate() error {
 	if c.NumVirtualTokens <= 0 {
 		return fmt.Errorf("prompt_tuning: num_virtual_tokens must be > 0, got %d", c.NumVirtualTokens)
+	}
+	if c.NumVirtualTokens > maxVirtualTokens {
+		return fmt.Errorf("prompt_tuning: num_virtual_tokens %d is over the limit of %d (prompts of tens to hundreds are the norm)", c.NumVirtualTokens, maxVirtualTokens)
 	}
 	switch c.Init {
 	case InitRandom, InitVocab:

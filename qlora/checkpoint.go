@@ -6,9 +6,6 @@ import (
 	"fmt"
 	"io/fs"
 	"math"
-	"path"
-	"slices"
-	"sort"
 	"strings"
 	"testing/fstest"
 
@@ -19,6 +16,7 @@ import (
 	"peft/peft"
 	"peft/peft/atomicfile"
 	"peft/peft/bnb"
+	"peft/peft/files"
 	"peft/peft/safetensors"
 )
 
@@ -34,14 +32,14 @@ import (
 // A 4-bit weight whose quant state disagrees with its tensors, or a companion tensor without its
 // quant state, is an error that names it (see bnb.FromTensors).
 func Dequantized(fsys fs.FS) (fs.FS, Prequantized, error) {
-	files, err := weightFiles(fsys)
+	shards, err := files.Shards(fsys)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("qlora: %w", err)
 	}
 	var plain []safetensors.Tensor
 	pre := Prequantized{}
-	for _, file := range files {
-		data, err := fs.ReadFile(fsys, file)
+	for _, file := range shards {
+		data, err := files.Read(fsys, file, files.Any)
 		if err != nil {
 			return nil, nil, fmt.Errorf("qlora: %w", err)
 		}
@@ -63,8 +61,8 @@ func Dequantized(fsys fs.FS) (fs.FS, Prequantized, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("qlora: %w", err)
 	}
-	hidden := map[string]bool{"model.safetensors.index.json": true}
-	for _, file := range files {
+	hidden := map[string]bool{files.IndexFile: true}
+	for _, file := range shards {
 		hidden[file] = true
 	}
 	return dequantizedFS{fsys: fsys, weights: encoded, hidden: hidden}, pre, nil
@@ -89,34 +87,6 @@ func (d dequantizedFS) Open(name string) (fs.File, error) {
 	return d.fsys.Open(name)
 }
 
-// weightFiles lists model.safetensors, or the shards model.safetensors.index.json names.
-func weightFiles(fsys fs.FS) ([]string, error) {
-	index, err := fs.ReadFile(fsys, "model.safetensors.index.json")
-	if err != nil {
-		return []string{"model.safetensors"}, nil
-	}
-	var idx struct {
-		WeightMap map[string]string `json:"weight_map"`
-	}
-	if err := json.Unmarshal(index, &idx); err != nil {
-		return nil, fmt.Errorf("qlora: model.safetensors.index.json: %w", err)
-	}
-	var files []string
-	for _, file := range idx.WeightMap {
-		if path.Base(file) != file || file == "." || file == ".." {
-			return nil, fmt.Errorf("qlora: model.safetensors.index.json names a shard outside the folder: %q", file)
-		}
-		if !slices.Contains(files, file) {
-			files = append(files, file)
-		}
-	}
-	if len(files) == 0 {
-		return nil, errors.New("qlora: model.safetensors.index.json lists no shards")
-	}
-	sort.Strings(files)
-	return files, nil
-}
-
 // SaveQuantized writes the QLoRA model m, whose configuration is cfg (a llama.Config, say), as a
 // Hugging Face folder in bitsandbytes' 4-bit layout: model.safetensors holds every quantized layer X as
 // X.weight and its companions (bnb.Quantized.Tensors documents them) and every other variable
@@ -126,8 +96,14 @@ func weightFiles(fsys fs.FS) ([]string, error) {
 // compute dtype; linear layers left in full precision are listed in llm_int8_skip_modules). The
 // adapter is not included (save it with m.Save); after a requantized merge the merged weights
 // are written. Files named in copyFiles are copied from from (tokenizer files, say). The files
-// are replaced as one change (atomicfile.WriteFiles).
+// are replaced as one change (atomicfile.WriteFiles), while nothing else uses the model
+// (Model.WithExclusive).
 func SaveQuantized(dir string, cfg peft.HFModelConfig, m *peft.Model, from fs.FS, copyFiles ...string) error {
+	return m.WithExclusive(func() error { return saveQuantized(dir, cfg, m, from, copyFiles) })
+}
+
+// saveQuantized is SaveQuantized with the model to itself.
+func saveQuantized(dir string, cfg peft.HFModelConfig, m *peft.Model, from fs.FS, copyFiles []string) error {
 	q, ok := m.Method().(*QLoRA)
 	if !ok {
 		return fmt.Errorf("qlora.SaveQuantized: the model's method is %T, not QLoRA", m.Method())

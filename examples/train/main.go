@@ -723,13 +723,26 @@ func (k runKey) differences(other runKey) string {
 	return "it has " + strings.Join(out, "; ")
 }
 
-// checkpointSteps lists the steps of dir's complete checkpoint-N folders, in order.
+// checkpointSteps lists the steps of dir's complete checkpoint-N folders, in order, after
+// putting back any that a kill left half replaced.
 func checkpointSteps(dir string) ([]int, error) {
 	entries, err := os.ReadDir(dir)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
+		return nil, err
+	}
+	for _, e := range entries {
+		if name, ok := strings.CutPrefix(e.Name(), ".checkpoint-"); ok && e.IsDir() {
+			if i := strings.Index(name, "."); i > 0 {
+				if err := atomicfile.RecoverDir(filepath.Join(dir, "checkpoint-"+name[:i])); err != nil {
+					return nil, err
+				}
+			}
+		}
+	}
+	if entries, err = os.ReadDir(dir); err != nil {
 		return nil, err
 	}
 	var steps []int

@@ -85,9 +85,9 @@ func WriteDir(dir string, fill func(tmp string) error) (err error) {
 	if err = fill(tmp); err != nil {
 		return err
 	}
-	if d, derr := os.Open(tmp); derr == nil {
-		_ = d.Sync()
-		d.Close()
+	syncDir(tmp)
+	if err = Write(filepath.Join(tmp, completeMarker), nil); err != nil {
+		return err
 	}
 	var old string
 	if _, statErr := os.Stat(dir); statErr == nil {
@@ -102,6 +102,7 @@ func WriteDir(dir string, fill func(tmp string) error) (err error) {
 		}
 		return err
 	}
+	_ = os.Remove(filepath.Join(dir, completeMarker))
 	if old != "" {
 		_ = os.RemoveAll(old)
 	}
@@ -112,18 +113,58 @@ func WriteDir(dir string, fill func(tmp string) error) (err error) {
 	return nil
 }
 
-// recoverDir undoes what a WriteDir of parent/base killed midway left: the previous folder
-// moved aside but not yet replaced is moved back, and the hidden new and old folders of crashed
-// saves are removed.
+// completeMarker marks a WriteDir's new folder as filled and synced: from then on it, not the
+// old one, is the folder's content.
+const completeMarker = ".peft-complete"
+
+// RecoverDir undoes what a WriteDir of dir killed midway left: if dir is missing, the new folder
+// is moved into place when it was complete, else the previous one moved aside is moved back; the
+// hidden new and old folders of crashed saves are then removed. Loaders of checkpoints call it
+// first; WriteDir does.
+func RecoverDir(dir string) error {
+	parent, base := filepath.Split(filepath.Clean(dir))
+	if parent == "" {
+		parent = "."
+	}
+	return recoverDir(parent, base)
+}
+
 func recoverDir(parent, base string) error {
-	olds, _ := filepath.Glob(filepath.Join(parent, "."+base+".old-*"))
-	if _, err := os.Stat(filepath.Join(parent, base)); errors.Is(err, os.ErrNotExist) && len(olds) > 0 {
-		if err := os.Rename(olds[len(olds)-1], filepath.Join(parent, base)); err != nil {
+	entries, err := os.ReadDir(parent)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var olds, tmps []string
+	for _, e := range entries { // by prefix: a name may hold glob characters
+		switch name := e.Name(); {
+		case strings.HasPrefix(name, "."+base+".old-"):
+			olds = append(olds, filepath.Join(parent, name))
+		case strings.HasPrefix(name, "."+base+".tmp-"):
+			tmps = append(tmps, filepath.Join(parent, name))
+		}
+	}
+	target := filepath.Join(parent, base)
+	if _, err := os.Stat(target); errors.Is(err, os.ErrNotExist) {
+		for i, tmp := range tmps {
+			if _, err := os.Stat(filepath.Join(tmp, completeMarker)); err == nil {
+				if err := os.Rename(tmp, target); err != nil {
+					return err
+				}
+				tmps = append(tmps[:i], tmps[i+1:]...)
+				_ = os.Remove(filepath.Join(target, completeMarker))
+				break
+			}
+		}
+	}
+	if _, err := os.Stat(target); errors.Is(err, os.ErrNotExist) && len(olds) > 0 {
+		if err := os.Rename(olds[len(olds)-1], target); err != nil {
 			return err
 		}
 		olds = olds[:len(olds)-1]
 	}
-	tmps, _ := filepath.Glob(filepath.Join(parent, "."+base+".tmp-*"))
 	for _, leftover := range append(olds, tmps...) {
 		if err := os.RemoveAll(leftover); err != nil {
 			return err
@@ -173,8 +214,8 @@ type pendingFile struct {
 // WriteFiles replaces files in dir and removes the files named in remove, as one change that a
 // kill at any instant cannot leave half done: each new file is first written beside its
 // destination under a hidden pending name and synced; a journal listing them is then written
-// atomically (the commit point); only then are the pending files renamed into place and the
-// removals done, and the journal deleted. A save killed before the commit leaves the folder as
+// atomically (the commit point); only then are the removals done, the pending files renamed into
+// place, and the journal deleted. A save killed before the commit leaves the folder as
 // it was; one killed after it is completed by the next WriteFiles or Finish (which every
 // loader of the SDK calls first), so either way the folder reads as the old save or the new,
 // never a mix. WriteFiles also deletes what crashed saves left behind (pending files of an
@@ -189,6 +230,17 @@ func WriteFiles(dir string, files []File, remove ...string) (err error) {
 	if err := removeLeftovers(dir); err != nil {
 		return err
 	}
+	if len(files) == 0 { // removals alone need no journal
+		for _, name := range remove {
+			if !plainName(name) {
+				return fmt.Errorf("atomicfile.WriteFiles: %q is not a plain file name", name)
+			}
+			if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return err
+			}
+		}
+		return nil
+	}
 	var j journal
 	defer func() {
 		if err != nil {
@@ -197,8 +249,13 @@ func WriteFiles(dir string, files []File, remove ...string) (err error) {
 			}
 		}
 	}()
+	for _, name := range remove {
+		if !plainName(name) {
+			return fmt.Errorf("atomicfile.WriteFiles: %q is not a plain file name", name)
+		}
+	}
 	for _, f := range files {
-		if f.Name == "" || f.Name != filepath.Base(f.Name) || strings.HasPrefix(f.Name, ".") {
+		if !plainName(f.Name) {
 			return fmt.Errorf("atomicfile.WriteFiles: %q is not a plain file name", f.Name)
 		}
 		tmp, err := os.CreateTemp(dir, "."+f.Name+".pending-*")
@@ -244,38 +301,94 @@ func writeSynced(f *os.File, data []byte) error {
 	return f.Close()
 }
 
-// Finish completes a WriteFiles that was committed in dir but cut short (it renames the pending
-// files that remain into place, does the removals and deletes the journal). Without a journal
-// it does nothing. It is safe to run again, and by several processes at once.
-func Finish(dir string) error {
+// plainName reports whether name is a file name of the folder itself, not hidden.
+func plainName(name string) bool {
+	return name != "" && name == filepath.Base(name) && !strings.HasPrefix(name, ".") && !strings.ContainsAny(name, `/\`)
+}
+
+// readJournal reads dir's journal: nil when there is none, an error when it is not one this
+// package wrote (names outside the folder, pending files not named as WriteFiles names them).
+func readJournal(dir string) (*journal, error) {
 	data, err := os.ReadFile(filepath.Join(dir, journalName))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil
+		return nil, nil
 	}
 	if err != nil {
-		return fmt.Errorf("atomicfile: reading %s's save journal: %w", dir, err)
+		return nil, err
 	}
 	var j journal
 	if err := json.Unmarshal(data, &j); err != nil {
-		return fmt.Errorf("atomicfile: %s's save journal is damaged: %w", dir, err)
+		return nil, fmt.Errorf("atomicfile: %s's save journal is damaged: %w", dir, err)
+	}
+	if len(j.Files) == 0 {
+		return nil, fmt.Errorf("atomicfile: %s's save journal lists no file", dir)
 	}
 	for _, p := range j.Files {
-		if p.Name != filepath.Base(p.Name) || p.Pending != filepath.Base(p.Pending) {
-			return fmt.Errorf("atomicfile: %s's save journal names a file outside the folder", dir)
+		if !plainName(p.Name) || p.Pending != filepath.Base(p.Pending) || !strings.HasPrefix(p.Pending, "."+p.Name+".pending-") {
+			return nil, fmt.Errorf("atomicfile: %s's save journal names a file this package does not write (%q, %q)", dir, p.Name, p.Pending)
 		}
+	}
+	for _, name := range j.Remove {
+		if !plainName(name) {
+			return nil, fmt.Errorf("atomicfile: %s's save journal names a file this package does not write (%q)", dir, name)
+		}
+	}
+	return &j, nil
+}
+
+// renamePending moves a committed save's pending files into place. A file whose pending name is
+// gone was moved already; one with neither its pending file nor itself is an error.
+func renamePending(dir string, j *journal) error {
+	for _, p := range j.Files {
 		err := os.Rename(filepath.Join(dir, p.Pending), filepath.Join(dir, p.Name))
-		if err != nil && !errors.Is(err, os.ErrNotExist) { // gone: renamed already
+		if errors.Is(err, os.ErrNotExist) {
+			if _, statErr := os.Stat(filepath.Join(dir, p.Name)); statErr != nil {
+				return fmt.Errorf("atomicfile: the save committed in %s lists %s, but neither it nor its pending file is there", dir, p.Name)
+			}
+			continue
+		}
+		if err != nil {
 			return fmt.Errorf("atomicfile: completing the save in %s: %w", dir, err)
 		}
 		crashPoint("after renaming " + p.Name)
 	}
+	return nil
+}
+
+// Finish completes a WriteFiles that was committed in dir but cut short: it does the removals,
+// renames the pending files that remain into place and deletes the journal. Without a journal it
+// does nothing. A journal this package did not write (damaged, or naming other files) is
+// discarded, the folder left as it is. Writers call it; loaders call Complete.
+func Finish(dir string) error {
+	j, err := readJournal(dir)
+	if err != nil {
+		if rmErr := os.Remove(filepath.Join(dir, journalName)); rmErr != nil && !errors.Is(rmErr, os.ErrNotExist) {
+			return fmt.Errorf("%w (and it cannot be removed: %v)", err, rmErr)
+		}
+		return nil
+	}
+	if j == nil {
+		return nil
+	}
+	// Removals come first, and only for a save under way: one of its pending files is still
+	// there. Once every pending file is in place the removals were done; a journal without
+	// pending files that is not ours removes nothing on its word.
+	underWay := false
+	for _, p := range j.Files {
+		if _, err := os.Lstat(filepath.Join(dir, p.Pending)); err == nil {
+			underWay = true
+		}
+	}
 	for _, name := range j.Remove {
-		if name != filepath.Base(name) {
-			return fmt.Errorf("atomicfile: %s's save journal names a file outside the folder", dir)
+		if !underWay {
+			break
 		}
 		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("atomicfile: completing the save in %s: %w", dir, err)
 		}
+	}
+	if err := renamePending(dir, j); err != nil {
+		return err
 	}
 	syncDir(dir)
 	if err := os.Remove(filepath.Join(dir, journalName)); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -283,6 +396,17 @@ func Finish(dir string) error {
 	}
 	syncDir(dir)
 	return nil
+}
+
+// Complete is what a loader runs before reading dir: it moves a committed save's pending files
+// into place, as Finish does, but removes nothing and keeps the journal (the next save finishes
+// it), and ignores a journal this package did not write. A folder without one is untouched.
+func Complete(dir string) error {
+	j, err := readJournal(dir)
+	if err != nil || j == nil {
+		return err
+	}
+	return renamePending(dir, j)
 }
 
 // removeLeftovers deletes the pending files of uncommitted saves and the temporaries of

@@ -76,12 +76,27 @@ func TestWriteDirRecovers(t *testing.T) {
 	require.NoError(t, WriteDir(dir, func(tmp string) error { return os.WriteFile(filepath.Join(tmp, "x"), []byte("1"), 0o644) }))
 	require.NoError(t, os.Rename(dir, filepath.Join(parent, ".checkpoint-5.old-123")))
 	require.NoError(t, os.Mkdir(filepath.Join(parent, ".checkpoint-5.tmp-456"), 0o755))
-	require.NoError(t, recoverDir(parent, "checkpoint-5"))
+	require.NoError(t, RecoverDir(dir))
 	require.Equal(t, map[string]string{"x": "1"}, contents(t, dir))
 	entries, err := os.ReadDir(parent)
 	require.NoError(t, err)
 	require.Len(t, entries, 1)
 
+	// Killed after the new folder was complete, with the old one moved aside: the new one wins,
+	// also under a name with glob characters.
+	dir = filepath.Join(parent, "run[1]")
+	require.NoError(t, WriteDir(dir, func(tmp string) error { return os.WriteFile(filepath.Join(tmp, "x"), []byte("old"), 0o644) }))
+	require.NoError(t, os.Rename(dir, filepath.Join(parent, ".run[1].old-7")))
+	require.NoError(t, os.Mkdir(filepath.Join(parent, ".run[1].tmp-8"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(parent, ".run[1].tmp-8", "x"), []byte("new"), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(parent, ".run[1].tmp-8", completeMarker), nil, 0o644))
+	require.NoError(t, RecoverDir(dir))
+	require.Equal(t, map[string]string{"x": "new"}, contents(t, dir))
+	entries, err = os.ReadDir(parent)
+	require.NoError(t, err)
+	require.Len(t, entries, 2, "no hidden copies left")
+
+	dir = filepath.Join(parent, "checkpoint-5")
 	err = WriteDir(dir, func(tmp string) error { return os.ErrInvalid })
 	require.ErrorIs(t, err, os.ErrInvalid)
 	require.Equal(t, map[string]string{"x": "1"}, contents(t, dir), "a failed fill changes nothing")
@@ -91,4 +106,35 @@ func TestWriteFilesRefusesPaths(t *testing.T) {
 	for _, name := range []string{"../x", "a/b", ".hidden", ""} {
 		require.ErrorContains(t, WriteFiles(t.TempDir(), []File{{Name: name}}), "not a plain file name")
 	}
+}
+
+// A journal this package did not write (in a downloaded folder, say) is never obeyed: a loader's
+// Complete and a writer's Finish leave the folder's files as they are, and the next save works.
+func TestForeignJournal(t *testing.T) {
+	for _, journalText := range []string{
+		`{"remove": ["tokenizer.json", "model.safetensors"]}`,
+		`{"files": [{"name": "config.json", "pending": "tokenizer.json"}]}`,
+		`{"files": [{"name": "../x", "pending": ".x.pending-1"}]}`,
+		`{"remove": [".."]}`,
+		`not json`,
+	} {
+		dir := t.TempDir()
+		for _, name := range []string{"tokenizer.json", "model.safetensors", "config.json"} {
+			require.NoError(t, os.WriteFile(filepath.Join(dir, name), []byte(name), 0o644))
+		}
+		require.NoError(t, os.WriteFile(filepath.Join(dir, journalName), []byte(journalText), 0o644))
+		_ = Complete(dir)
+		require.NoError(t, Finish(dir))
+		require.Equal(t, map[string]string{"tokenizer.json": "tokenizer.json", "model.safetensors": "model.safetensors", "config.json": "config.json"}, contents(t, dir), journalText)
+		require.NoError(t, WriteFiles(dir, []File{{Name: "config.json", Data: []byte("new")}}))
+	}
+	// Names to remove are checked before anything is committed.
+	require.ErrorContains(t, WriteFiles(t.TempDir(), nil, ".."), "not a plain file name")
+}
+
+// A committed save whose file is neither pending nor in place is an error, not a silent loss.
+func TestFinishReportsAMissingFile(t *testing.T) {
+	dir := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, journalName), []byte(`{"files": [{"name": "a.json", "pending": ".a.json.pending-1"}]}`), 0o644))
+	require.ErrorContains(t, Finish(dir), "lists a.json, but neither it nor its pending file is there")
 }

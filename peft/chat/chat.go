@@ -19,9 +19,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
+	"peft/peft/files"
 	"strings"
 	"time"
 
@@ -63,10 +63,6 @@ const (
 	TemplateFile        = "chat_template.jinja"
 	TokenizerConfigFile = "tokenizer_config.json"
 )
-
-// maxFileBytes bounds the files read (a tokenizer_config.json with a large added_tokens_decoder
-// is a few MB).
-const maxFileBytes = 32 << 20
 
 // specialTokenNames are the tokenizer_config.json fields passed to the template by name, as
 // transformers passes its special_tokens_map.
@@ -193,31 +189,13 @@ func tokenText(raw json.RawMessage) (string, error) {
 	return *added.Content, nil
 }
 
-// readFile reads name from fsys, refusing a file over maxFileBytes before reading it.
+// readFile reads name from fsys, a regular file of the folder of at most files.MaxConfig bytes.
 func readFile(fsys fs.FS, name string) ([]byte, error) {
-	f, err := fsys.Open(name)
-	if err != nil {
-		return nil, err
+	data, err := files.Read(fsys, name, files.MaxConfig)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("chat: %w", err)
 	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, fmt.Errorf("chat: %s: %w", name, err)
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("chat: %s is not a regular file", name)
-	}
-	if st.Size() > maxFileBytes {
-		return nil, fmt.Errorf("chat: %s has %d bytes, more than the %d a chat template or tokenizer config may have", name, st.Size(), maxFileBytes)
-	}
-	data, err := io.ReadAll(io.LimitReader(f, maxFileBytes+1))
-	if err != nil {
-		return nil, fmt.Errorf("chat: %s: %w", name, err)
-	}
-	if len(data) > maxFileBytes {
-		return nil, fmt.Errorf("chat: %s grew past %d bytes while read", name, maxFileBytes)
-	}
-	return data, nil
+	return data, err
 }
 
 // SpecialToken is the text of the special token the template knows by name ("eos_token", say),

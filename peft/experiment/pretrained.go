@@ -3,6 +3,7 @@ package experiment
 import (
 	"fmt"
 	"io/fs"
+	"peft/peft/files"
 	"strings"
 
 	"github.com/gomlx/gomlx/backends"
@@ -36,7 +37,7 @@ func LoadStories260K(backend backends.Backend) (*Pretrained, error) {
 // LoadPretrainedFS loads a Hugging Face Llama folder that has a tokenizer.json; name is how
 // messages refer to it.
 func LoadPretrainedFS(backend backends.Backend, fsys fs.FS, name string) (*Pretrained, error) {
-	data, err := fs.ReadFile(fsys, "tokenizer.json")
+	data, err := files.Read(fsys, "tokenizer.json", files.MaxTokenizer)
 	if err != nil {
 		return nil, fmt.Errorf("experiment: model %s: %w", name, err)
 	}

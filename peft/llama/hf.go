@@ -3,11 +3,9 @@ package llama
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io/fs"
 	"os"
-	"path"
 	"reflect"
 	"slices"
 	"sort"
@@ -19,6 +17,7 @@ import (
 
 	"peft/peft"
 	"peft/peft/atomicfile"
+	"peft/peft/files"
 	"peft/peft/safetensors"
 )
 
@@ -271,7 +270,7 @@ func hfTensors(cfg Config) []hfTensor {
 // are overwritten. The folder and its config.json are recorded as the context's base model
 // (peft.SetBaseModel), which saved adapters name; LoadPretrainedFS records no name.
 func LoadPretrained(ctx *context.Context, dir string) (Config, error) {
-	_ = atomicfile.Finish(dir) // complete a SaveHF cut short after its commit, where the folder is writable
+	_ = atomicfile.Complete(dir) // move a SaveHF cut short after its commit into place, where the folder is writable
 	cfg, err := LoadPretrainedFS(ctx, os.DirFS(dir))
 	if err == nil {
 		peft.NameBaseModel(ctx, dir)
@@ -281,7 +280,7 @@ func LoadPretrained(ctx *context.Context, dir string) (Config, error) {
 
 // LoadPretrainedFS is LoadPretrained from a file system (such as an embedded model).
 func LoadPretrainedFS(ctx *context.Context, fsys fs.FS) (Config, error) {
-	data, err := fs.ReadFile(fsys, "config.json")
+	data, err := files.Read(fsys, "config.json", files.MaxConfig)
 	if err != nil {
 		return Config{}, fmt.Errorf("llama: no config.json: %w", err)
 	}
@@ -354,67 +353,15 @@ func LoadPretrainedFS(ctx *context.Context, fsys fs.FS) (Config, error) {
 	return cfg, nil
 }
 
-// checkInFolder refuses a weight file that is not a regular file of the folder: a device (a
-// symlink to /dev/zero would be read without end) or a symlink that leads out of the folder,
-// except into a Hugging Face cache's blobs (its snapshots/<revision>/ folders link each file to
-// ../../blobs/<hash>).
-func checkInFolder(fsys fs.FS, name string) error {
-	info, err := fs.Lstat(fsys, name)
-	if err != nil {
-		if errors.Is(err, errors.ErrUnsupported) {
-			return nil // a file system without links (an embedded one)
-		}
-		return fmt.Errorf("llama: no weights: %w", err)
-	}
-	if info.Mode()&fs.ModeSymlink != 0 {
-		target, err := fs.ReadLink(fsys, name)
-		if err != nil {
-			return fmt.Errorf("llama: %s: %w", name, err)
-		}
-		inCache := strings.HasPrefix(target, "../../blobs/") && fs.ValidPath(strings.TrimPrefix(target, "../../")) && path.Dir(name) == "."
-		if !inCache && (path.IsAbs(target) || !fs.ValidPath(path.Join(path.Dir(name), target))) {
-			return fmt.Errorf("llama: %s is a symbolic link out of the model folder (to %s)", name, target)
-		}
-		if info, err = fs.Stat(fsys, name); err != nil {
-			return fmt.Errorf("llama: %s: %w", name, err)
-		}
-	}
-	if !info.Mode().IsRegular() {
-		return fmt.Errorf("llama: %s is not a regular file (%s)", name, info.Mode())
-	}
-	return nil
-}
-
 // readWeights reads model.safetensors, or the shards model.safetensors.index.json lists.
 func readWeights(fsys fs.FS) (map[string]*safetensors.Tensor, error) {
-	files := []string{"model.safetensors"}
-	if index, err := fs.ReadFile(fsys, "model.safetensors.index.json"); err == nil {
-		var idx struct {
-			WeightMap map[string]string `json:"weight_map"`
-		}
-		if err := json.Unmarshal(index, &idx); err != nil {
-			return nil, fmt.Errorf("llama: model.safetensors.index.json: %w", err)
-		}
-		files = files[:0]
-		for _, file := range idx.WeightMap {
-			if path.Base(file) != file || file == "." || file == ".." {
-				return nil, fmt.Errorf("llama: model.safetensors.index.json names a shard outside the folder: %q", file)
-			}
-			if !slices.Contains(files, file) {
-				files = append(files, file)
-			}
-		}
-		sort.Strings(files)
-		if len(files) == 0 {
-			return nil, errors.New("llama: model.safetensors.index.json lists no shards")
-		}
+	shards, err := files.Shards(fsys)
+	if err != nil {
+		return nil, fmt.Errorf("llama: %w", err)
 	}
 	found := map[string]*safetensors.Tensor{}
-	for _, file := range files {
-		if err := checkInFolder(fsys, file); err != nil {
-			return nil, err
-		}
-		data, err := fs.ReadFile(fsys, file)
+	for _, file := range shards {
+		data, err := files.Read(fsys, file, files.Any)
 		if err != nil {
 			return nil, fmt.Errorf("llama: no weights: %w", err)
 		}

@@ -253,11 +253,11 @@ func TestWeightLinks(t *testing.T) {
 			require.NoError(t, os.Link(weights, filepath.Join(root, "elsewhere.safetensors")))
 			require.NoError(t, os.Symlink("../elsewhere.safetensors", filepath.Join(root, "model", "model.safetensors")))
 			return filepath.Join(root, "model")
-		}, "model.safetensors is a symbolic link out of the model folder (to ../elsewhere.safetensors)"},
+		}, "model.safetensors is a symbolic link out of the folder (to ../elsewhere.safetensors)"},
 		{"a device", func(root string) string {
 			require.NoError(t, os.Symlink("/dev/zero", filepath.Join(root, "model.safetensors")))
 			return root
-		}, "model.safetensors is a symbolic link out of the model folder (to /dev/zero)"},
+		}, "model.safetensors is a symbolic link out of the folder (to /dev/zero)"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := tc.link(t.TempDir())
