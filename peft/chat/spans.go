@@ -1,6 +1,7 @@
 package chat
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -50,14 +51,48 @@ func (t *Template) RenderSpans(msgs []Message, opts Options) (Rendered, error) {
 			return Rendered{}, fmt.Errorf("chat: the messages through assistant message %d: %w", i, err)
 		}
 		if !strings.HasPrefix(through, before) || !strings.HasPrefix(full, through) {
-			return Rendered{}, fmt.Errorf("chat: assistant message %d: the template writes the conversation up to it "+
-				"differently from the whole conversation (it rewrites earlier turns, as Qwen3's does), so the turn cannot be "+
-				"placed; make one example per assistant turn, each ending with its turn", i)
+			return Rendered{}, fmt.Errorf("chat: assistant message %d: %w", i, ErrRewritesTurns)
 		}
-		end := max(len(strings.TrimRight(through, " \t\r\n")), len(before))
-		r.Assistant = append(r.Assistant, Span{Start: len(before), End: end})
+		r.Assistant = append(r.Assistant, turnSpan(before, through))
 	}
 	return r, nil
+}
+
+// ErrRewritesTurns is returned (wrapped) by RenderSpans for a template that writes a turn
+// differently once later messages follow (Qwen3's drops the <think> block of earlier turns):
+// such a conversation trains as one example per assistant turn (RenderLastTurn).
+var ErrRewritesTurns = errors.New("the template writes the conversation up to this turn differently from the whole " +
+	"conversation (it rewrites earlier turns, as Qwen3's does), so the turn cannot be placed in it; " +
+	"make one example per assistant turn, each ending with its turn (RenderLastTurn)")
+
+// RenderLastTurn formats msgs, which end with an assistant message, and places only that last
+// turn: the conversation up to it is context. For templates that rewrite earlier turns, a
+// conversation becomes one such example per assistant turn, each rendered as the model sees
+// it when that turn is the newest.
+func (t *Template) RenderLastTurn(msgs []Message, opts Options) (Rendered, error) {
+	if len(msgs) == 0 || msgs[len(msgs)-1].Role != "assistant" {
+		return Rendered{}, errors.New("chat: RenderLastTurn needs a conversation that ends with an assistant message")
+	}
+	if opts.Now.IsZero() {
+		opts.Now = time.Now()
+	}
+	full, err := t.render(msgs, false, opts)
+	if err != nil {
+		return Rendered{}, err
+	}
+	before, err := t.render(msgs[:len(msgs)-1], true, opts)
+	if err != nil {
+		return Rendered{}, fmt.Errorf("chat: the messages before the last assistant message: %w", err)
+	}
+	if !strings.HasPrefix(full, before) {
+		return Rendered{}, fmt.Errorf("chat: the template does not write the last assistant turn after its generation prompt")
+	}
+	return Rendered{Text: full, Assistant: []Span{turnSpan(before, full)}}, nil
+}
+
+// turnSpan is the turn that text adds after before, without the whitespace after its end marker.
+func turnSpan(before, text string) Span {
+	return Span{Start: len(before), End: max(len(strings.TrimRight(text, " \t\r\n")), len(before))}
 }
 
 // Encoder tokenizes text without adding special tokens of its own (a chat template writes the

@@ -109,6 +109,30 @@ func TestFormsAndLossMasks(t *testing.T) {
 
 		_, _, err = data.Tokenize(f, qwen, data.Options{SeqLen: 256, EOS: -1})
 		require.ErrorContains(t, err, "train.jsonl holds chat records and the model has no chat template")
+
+		// Qwen3's template writes the last assistant turn with a <think> block and earlier ones
+		// without: the conversation becomes one example per assistant turn, each learning its
+		// own turn as Qwen3 writes the newest.
+		src3, err := os.ReadFile(filepath.Join("..", "chat", "testdata", "templates", "qwen3.jinja"))
+		require.NoError(t, err)
+		qwen3, err := chat.Parse(string(src3), map[string]string{"eos_token": "<|im_end|>"})
+		require.NoError(t, err)
+		ex, stats, err = data.Tokenize(f, qwen, data.Options{SeqLen: 256, EOS: -1, Template: qwen3})
+		require.NoError(t, err)
+		require.Equal(t, 1, stats.TurnSplit)
+		require.Len(t, ex, 2)
+		var perTurn []string
+		for _, e := range ex {
+			var ids []int
+			for i, l := range e.Loss {
+				if l {
+					ids = append(ids, int(e.IDs[i]))
+				}
+			}
+			perTurn = append(perTurn, qwen.Decode(ids, false))
+		}
+		require.Equal(t, []string{"<think>\n\n</think>\n\n4<|im_end|>", "<think>\n\n</think>\n\n6, as 3+3 is 6.<|im_end|>"}, perTurn)
+		require.Contains(t, stats.String(), "1 conversations made into one example per assistant turn")
 	})
 }
 

@@ -47,6 +47,9 @@ type Stats struct {
 	Truncated, Split int
 	// FirstTruncated is the line of the first truncated record (0 if none).
 	FirstTruncated int
+	// TurnSplit counts chat records made into one example per assistant turn, as a template
+	// that rewrites earlier turns needs (Qwen3's).
+	TurnSplit int
 	// Merged counts prompt/completion records whose prompt's last token merges with the
 	// completion's first when tokenized together (end the prompt with a space or newline, or
 	// start the completion with one, to keep them apart).
@@ -61,6 +64,9 @@ func (s Stats) String() string {
 	}
 	if s.Merged > 0 {
 		out += fmt.Sprintf(", %d prompts whose last token merges into the completion", s.Merged)
+	}
+	if s.TurnSplit > 0 {
+		out += fmt.Sprintf(", %d conversations made into one example per assistant turn (the chat template rewrites earlier turns)", s.TurnSplit)
 	}
 	if s.Truncated > 0 {
 		out += fmt.Sprintf(", %d examples truncated at the row length (first: line %d)", s.Truncated, s.FirstTruncated)
@@ -77,7 +83,9 @@ func (s Stats) String() string {
 //     the prompt alone tokenizes to: the completion and EOS. Where the prompt's last token
 //     merges with the completion's first, the merged token is learnt too (Stats.Merged).
 //   - Chat: opts.Template's rendering, tokenized as the template writes it (chat.Rendered.Encode),
-//     the loss on the assistant turns and their end-of-turn tokens.
+//     the loss on the assistant turns and their end-of-turn tokens. With a template that
+//     rewrites earlier turns (Qwen3's), a conversation becomes one example per assistant turn,
+//     the conversation up to it as context (Stats.TurnSplit).
 //
 // A prompt/completion or chat example longer than SeqLen keeps its first SeqLen tokens
 // (Stats.Truncated); one left with nothing in the loss is an error naming its line.
@@ -127,28 +135,34 @@ func Tokenize(f *File, tok Tokenizer, opts Options) ([]Example, Stats, error) {
 			}
 			loss = append(repeat(false, shared), repeat(true, len(ids)-shared)...)
 		case Chat:
-			r, err := opts.Template.RenderSpans(rec.Messages, chat.Options{})
+			rendered, err := chatExamples(opts.Template, rec.Messages)
 			if err != nil {
 				return nil, Stats{}, fmt.Errorf("data: %s:%d: %w", f.Name, rec.Line, err)
 			}
-			toks, err := r.Encode(tok)
-			if err != nil {
-				return nil, Stats{}, fmt.Errorf("data: %s:%d: %w", f.Name, rec.Line, err)
+			if len(rendered) > 1 {
+				stats.TurnSplit++
 			}
-			ids, loss = toks.IDs, toks.Mask()
+			for k, r := range rendered {
+				toks, err := r.Encode(tok)
+				if err != nil {
+					return nil, Stats{}, fmt.Errorf("data: %s:%d: %w", f.Name, rec.Line, err)
+				}
+				if k == len(rendered)-1 {
+					ids, loss = toks.IDs, toks.Mask() // the last goes through the common path below
+					break
+				}
+				ex, err := fit(f, rec.Line, toks.IDs, toks.Mask(), opts.SeqLen, &stats)
+				if err != nil {
+					return nil, Stats{}, err
+				}
+				out = append(out, ex)
+			}
 		default:
 			return nil, Stats{}, fmt.Errorf("data: %s: unknown format %q", f.Name, f.Format)
 		}
-		if len(ids) > opts.SeqLen {
-			if stats.Truncated == 0 {
-				stats.FirstTruncated = rec.Line
-			}
-			stats.Truncated++
-			ids, loss = ids[:opts.SeqLen], loss[:opts.SeqLen]
-		}
-		ex := example(rec.Line, ids, loss)
-		if countTargets(ex) == 0 {
-			return nil, Stats{}, fmt.Errorf("data: %s:%d: no token left to learn within the row length %d (the prompt fills it): raise the sequence length or shorten the prompt", f.Name, rec.Line, opts.SeqLen)
+		ex, err := fit(f, rec.Line, ids, loss, opts.SeqLen, &stats)
+		if err != nil {
+			return nil, Stats{}, err
 		}
 		out = append(out, ex)
 	}
@@ -161,6 +175,47 @@ func Tokenize(f *File, tok Tokenizer, opts Options) ([]Example, Stats, error) {
 	}
 	stats.Examples = len(out)
 	return out, stats, nil
+}
+
+// fit makes the example of a prompt/completion or chat record, truncated to seqLen (counted in
+// stats); one left with nothing to learn is an error naming its line.
+func fit(f *File, line int, ids []int, loss []bool, seqLen int, stats *Stats) (Example, error) {
+	if len(ids) > seqLen {
+		if stats.Truncated == 0 {
+			stats.FirstTruncated = line
+		}
+		stats.Truncated++
+		ids, loss = ids[:seqLen], loss[:seqLen]
+	}
+	ex := example(line, ids, loss)
+	if countTargets(ex) == 0 {
+		return Example{}, fmt.Errorf("data: %s:%d: no token left to learn within the row length %d (the prompt fills it): raise the sequence length or shorten the prompt", f.Name, line, seqLen)
+	}
+	return ex, nil
+}
+
+// chatExamples renders a conversation as one example, or, with a template that rewrites earlier
+// turns (Qwen3's), as one example per assistant turn, each ending with its turn.
+func chatExamples(tmpl *chat.Template, msgs []chat.Message) ([]chat.Rendered, error) {
+	r, err := tmpl.RenderSpans(msgs, chat.Options{})
+	if err == nil {
+		return []chat.Rendered{r}, nil
+	}
+	if !errors.Is(err, chat.ErrRewritesTurns) {
+		return nil, err
+	}
+	var out []chat.Rendered
+	for i, m := range msgs {
+		if m.Role != "assistant" {
+			continue
+		}
+		r, err := tmpl.RenderLastTurn(msgs[:i+1], chat.Options{})
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	return out, nil
 }
 
 // example copies ids and loss into an Example; the first token is never a target (nothing
