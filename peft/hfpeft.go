@@ -213,23 +213,18 @@ func (f *PEFTFields) Unknown() []string {
 // checking their shapes, and remembers what was taken, so that what is left can be reported.
 type PEFTTensorFile struct {
 	file   *safetensors.File
-	byName map[string]*safetensors.Tensor
 	taken  map[string]bool
 	source string
 }
 
 func newPEFTTensorFile(file *safetensors.File, source string) *PEFTTensorFile {
-	t := &PEFTTensorFile{file: file, byName: map[string]*safetensors.Tensor{}, taken: map[string]bool{}, source: source}
-	for i := range file.Tensors {
-		t.byName[file.Tensors[i].Name] = &file.Tensors[i]
-	}
-	return t
+	return &PEFTTensorFile{file: file, taken: map[string]bool{}, source: source}
 }
 
 // Take returns the tensor key as float32 values (F32, F16 and BF16 are read), checking that its
 // shape is dims. Missing tensors and other shapes are errors naming the tensor and the file.
 func (t *PEFTTensorFile) Take(key string, dims ...int) ([]float32, error) {
-	st, ok := t.byName[key]
+	st, ok := t.file.Get(key)
 	if !ok {
 		return nil, fmt.Errorf("peft: tensor %s is missing from %s", key, t.source)
 	}
@@ -247,9 +242,9 @@ func (t *PEFTTensorFile) Take(key string, dims ...int) ([]float32, error) {
 // left lists, sorted, the tensors nothing took.
 func (t *PEFTTensorFile) left() []string {
 	var names []string
-	for name := range t.byName {
-		if !t.taken[name] {
-			names = append(names, name)
+	for _, st := range t.file.Tensors {
+		if !t.taken[st.Name] {
+			names = append(names, st.Name)
 		}
 	}
 	sort.Strings(names)
