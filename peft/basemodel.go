@@ -7,6 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io/fs"
+	"peft/peft/atomicfile"
+	"peft/peft/safetensors"
 	"reflect"
 	"runtime"
 	"sort"
@@ -34,6 +37,33 @@ type BaseModel struct {
 type HFModelConfig interface {
 	// HFConfig returns config.json's fields, or an error if the configuration is invalid.
 	HFConfig() (map[string]any, error)
+}
+
+// ConfigJSON encodes a config.json's fields as transformers writes them: sorted keys, indented
+// by two spaces, a final newline.
+func ConfigJSON(fields map[string]any) ([]byte, error) {
+	data, err := json.MarshalIndent(fields, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(data, '\n'), nil
+}
+
+// WriteModelFolder writes a Hugging Face model folder as one change (atomicfile.WriteFiles):
+// model.safetensors with tensors (metadata {"format": "pt"}), config.json, and the files named
+// in copyFiles read from from (tokenizer files, say; none when from is nil). The family's
+// exports (llama.SaveHF, qlora.SaveQuantized) write through it.
+func WriteModelFolder(dir string, tensors []safetensors.Tensor, config []byte, from fs.FS, copyFiles ...string) error {
+	files, err := atomicfile.ReadFiles(from, copyFiles...)
+	if err != nil {
+		return err
+	}
+	weights, err := safetensors.Encode(tensors, map[string]string{"format": "pt"})
+	if err != nil {
+		return err
+	}
+	files = append(files, atomicfile.File{Name: ModelWeightsFile, Data: weights}, atomicfile.File{Name: ModelConfigFile, Data: config})
+	return atomicfile.WriteFiles(dir, files)
 }
 
 // paramBaseModel is the context parameter (at the root scope) that holds the BaseModel.

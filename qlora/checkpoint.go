@@ -1,7 +1,6 @@
 package qlora
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -14,7 +13,6 @@ import (
 	"github.com/gomlx/gopjrt/dtypes"
 
 	"peft/peft"
-	"peft/peft/atomicfile"
 	"peft/peft/bnb"
 	"peft/peft/files"
 	"peft/peft/safetensors"
@@ -150,16 +148,7 @@ func saveQuantized(dir string, cfg peft.HFModelConfig, m *peft.Model, from fs.FS
 	if err != nil {
 		return err
 	}
-	files, err := atomicfile.ReadFiles(from, copyFiles...)
-	if err != nil {
-		return fmt.Errorf("qlora.SaveQuantized: %w", err)
-	}
-	weights, err := safetensors.Encode(out, map[string]string{"format": "pt"})
-	if err != nil {
-		return fmt.Errorf("qlora.SaveQuantized: %w", err)
-	}
-	files = append(files, atomicfile.File{Name: "model.safetensors", Data: weights}, atomicfile.File{Name: "config.json", Data: configJSON})
-	if err := atomicfile.WriteFiles(dir, files); err != nil {
+	if err := peft.WriteModelFolder(dir, out, configJSON, from, copyFiles...); err != nil {
 		return fmt.Errorf("qlora.SaveQuantized: %w", err)
 	}
 	return nil
@@ -195,11 +184,7 @@ func hfConfigJSON(cfg peft.HFModelConfig, qc Config, skip []string) ([]byte, err
 		"bnb_4bit_quant_storage":    "uint8",
 		"llm_int8_skip_modules":     skip,
 	}
-	data, err := json.MarshalIndent(fields, "", "  ")
-	if err != nil {
-		return nil, err
-	}
-	return append(data, '\n'), nil
+	return peft.ConfigJSON(fields)
 }
 
 // MergeReport is what merging changed in the model's outputs on a probe batch.

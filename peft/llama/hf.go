@@ -413,20 +413,11 @@ func SaveHF(dir string, cfg Config, ctx *context.Context, from fs.FS, copyFiles 
 		}
 		out = append(out, safetensors.FromFloat32(t.name, t.dims, values))
 	}
-	files, err := atomicfile.ReadFiles(from, copyFiles...)
-	if err != nil {
-		return fmt.Errorf("llama.SaveHF: %w", err)
-	}
-	weights, err := safetensors.Encode(out, map[string]string{"format": "pt"})
-	if err != nil {
-		return fmt.Errorf("llama.SaveHF: %w", err)
-	}
 	data, err := hfConfigJSON(cfg)
 	if err != nil {
 		return err
 	}
-	files = append(files, atomicfile.File{Name: "model.safetensors", Data: weights}, atomicfile.File{Name: "config.json", Data: data})
-	if err := atomicfile.WriteFiles(dir, files); err != nil {
+	if err := peft.WriteModelFolder(dir, out, data, from, copyFiles...); err != nil {
 		return fmt.Errorf("llama.SaveHF: %w", err)
 	}
 	return nil
@@ -480,11 +471,7 @@ func hfConfigJSON(cfg Config) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	data, err := json.MarshalIndent(fields, "", "  ")
-	if err != nil {
-		return nil, err
-	}
-	return append(data, '\n'), nil
+	return peft.ConfigJSON(fields)
 }
 
 // hfVariableDims is the shape of our variable for a Hugging Face tensor.
