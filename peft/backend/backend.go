@@ -56,6 +56,9 @@ import (
 	"sync"
 
 	"github.com/gomlx/gomlx/backends"
+
+	"peft/peft/backend/goexec"
+	"peft/peft/blas"
 )
 
 const (
@@ -245,9 +248,37 @@ func create(cands []candidate) (backends.Backend, string, error) {
 				reason += "; " + strings.Join(failures, "; ")
 			}
 		}
-		return b, fmt.Sprintf("backend: %s (%s)", c.config, reason), nil
+		desc := fmt.Sprintf("backend: %s (%s)", c.config, reason)
+		if name, _ := splitConfig(c.config); name == goBackendName {
+			desc += "; matmuls: " + installExecutors()
+		}
+		return b, desc, nil
 	}
 	return nil, "", fmt.Errorf("backend: no backend could be created: %s", strings.Join(failures, "; "))
+}
+
+// installExecutors speeds up the pure-Go backend (see peft/backend/goexec): broadcast binary
+// ops row by row, and matrix products through a BLAS library when one is found (peft/blas). It
+// returns what runs the matrix products, for Description.
+func installExecutors() string {
+	if err := goexec.InstallBroadcast(); err != nil {
+		return "pure Go, " + err.Error()
+	}
+	lib, err := blas.Load()
+	switch {
+	case errors.Is(err, blas.ErrDisabled):
+		return "pure Go (" + blas.EnvLibrary + "=off)"
+	case err != nil:
+		return "pure Go, " + err.Error()
+	}
+	k := goexec.Kernels{Name: lib.Version, Float32: lib.Sgemm, Float64: lib.Dgemm}
+	if err := goexec.Install(k); err != nil {
+		return "pure Go, " + err.Error()
+	}
+	if n := lib.Threads(); n > 0 {
+		return fmt.Sprintf("%s, %d threads", lib.Version, n)
+	}
+	return lib.Version
 }
 
 // newWithConfig is backends.NewWithConfig made safe: an unknown backend name is

@@ -153,7 +153,7 @@ func TestGetSameInstanceAndRuns(t *testing.T) {
 	require.NoError(t, err)
 	require.Same(t, b1, b2)
 	assert.IsType(t, &simplego.Backend{}, b1)
-	assert.Equal(t, "backend: go:ops_sequential (pure Go; no PJRT plugin found — install one to use XLA)", Description())
+	assert.True(t, strings.HasPrefix(Description(), "backend: go:ops_sequential (pure Go; no PJRT plugin found — install one to use XLA); matmuls: "), Description())
 
 	// The environment is read only once: later changes do not matter.
 	t.Setenv(EnvConfig, "nosuch")

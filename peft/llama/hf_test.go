@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/gomlx/gomlx/backends/simplego"
+
 	"github.com/gomlx/gomlx/pkg/core/graph"
 	"github.com/gomlx/gomlx/pkg/core/shapes"
 	"github.com/gomlx/gomlx/pkg/core/tensors"
@@ -17,6 +19,8 @@ import (
 
 	"peft/peft"
 	"peft/peft/backend"
+	"peft/peft/backend/goexec"
+	"peft/peft/blas"
 	"peft/peft/llama"
 	"peft/peft/safetensors"
 	"peft/peft/stories260k"
@@ -165,4 +169,53 @@ func TestSaveHFRoundTrip(t *testing.T) {
 	require.NoError(t, err)
 	ids := []int32{1, 403, 407, 261}
 	require.Equal(t, logitsOf(t, m, ids), logitsOf(t, m2, ids))
+}
+
+// The golden logits and loss come out the same whichever kernel runs the pure-Go backend's
+// matrix products: the stock executor, the hook with naive loops (checked on every machine), and
+// the hook with a BLAS library where one is installed.
+func TestStories260KGoldenThroughMatmulKernels(t *testing.T) {
+	b, err := backend.Get()
+	require.NoError(t, err)
+	if _, ok := b.(*simplego.Backend); !ok {
+		t.Skipf("backend %s is not pure Go: no matmul hook to check", b.Name())
+	}
+	if prev := goexec.Installed(); prev != nil {
+		defer func() { require.NoError(t, goexec.Install(*prev)) }()
+	} else {
+		defer goexec.Uninstall()
+	}
+	kernels := []*goexec.Kernels{nil}
+	naive := goexec.Naive()
+	kernels = append(kernels, &naive)
+	if lib, err := blas.Load(); err == nil {
+		kernels = append(kernels, &goexec.Kernels{Name: lib.Version, Float32: lib.Sgemm, Float64: lib.Dgemm})
+	}
+	g := readGolden(t)
+	for _, k := range kernels {
+		name := "stock"
+		if k != nil {
+			name = k.Name
+		}
+		t.Run(name, func(t *testing.T) {
+			if k == nil {
+				goexec.Uninstall()
+			} else {
+				require.NoError(t, goexec.Install(*k))
+			}
+			before := goexec.Counts()
+			_, m := loadStories(t)
+			logits := logitsOf(t, m, g.Bos.InputIDs)
+			requireClose(t, g.Bos.LogitsPos0, logits[0], 1e-4, "logits_pos0")
+			requireClose(t, g.Bos.LogitsPos1, logits[1], 1e-4, "logits_pos1")
+			prompt := logitsOf(t, m, g.Prompt.InputIDs)
+			requireClose(t, g.Prompt.LastLogits, prompt[len(prompt)-1], 1e-4, "prompt last_logits")
+			hooked := goexec.Counts().Hooked - before.Hooked
+			if k == nil {
+				require.Zero(t, hooked, "products through the hook while uninstalled")
+			} else {
+				require.Positive(t, hooked, "no product went through the hook")
+			}
+		})
+	}
 }
