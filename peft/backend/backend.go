@@ -261,7 +261,7 @@ func create(cands []candidate) (backends.Backend, string, error) {
 // ops row by row, and matrix products through a BLAS library when one is found (peft/blas). It
 // returns what runs the matrix products, for Description.
 func installExecutors() string {
-	if err := goexec.InstallBroadcast(); err != nil {
+	if err := goexec.InstallRowWise(); err != nil {
 		return "pure Go, " + err.Error()
 	}
 	lib, err := blas.Load()

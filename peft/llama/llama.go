@@ -262,12 +262,12 @@ func Decoder(ctx *context.Context, cfg Config, inputs []*graph.Node) (hidden, ma
 	})
 	h := in.Embeddings
 	cos, sin := rotary(cfg, in.Positions)
-	attnMask := attentionMask(in.Mask, cfg.Family().SlidingWindow)
+	attnBias := attentionBias(cfg, in.Mask)
 	for i := range cfg.NumLayers {
 		layer := model.In("layers").In(strconv.Itoa(i))
 		x := rmsNorm(layer.In("input_layernorm"), h, cfg.RMSNormEps)
 		h = graph.Add(h, peft.SubBlock(layer.In("self_attn"), peft.Attention, x, func(x *graph.Node) *graph.Node {
-			return attention(layer.In("self_attn"), cfg, x, cos, sin, attnMask)
+			return attention(layer.In("self_attn"), cfg, x, cos, sin, attnBias)
 		}))
 		x = rmsNorm(layer.In("post_attention_layernorm"), h, cfg.RMSNormEps)
 		h = graph.Add(h, peft.SubBlock(layer.In("mlp"), peft.FeedForward, x, func(x *graph.Node) *graph.Node {
@@ -338,7 +338,25 @@ func attentionMask(mask *graph.Node, window int) *graph.Node {
 	return graph.LogicalAnd(causal, keys)
 }
 
-func attention(ctx *context.Context, cfg Config, x, cos, sin, mask *graph.Node) *graph.Node {
+// attentionBias is the additive attention mask, 0 where a query may see a key and −1e9
+// elsewhere, at the full scores shape [batch, kvHeads, group, seq, seq]. It is built once for
+// all layers, so each layer masks with one same-shape Add (whose gradient passes straight
+// through) rather than broadcasts and a Where.
+func attentionBias(cfg Config, mask *graph.Node) *graph.Node {
+	allowed := attentionMask(mask, cfg.Family().SlidingWindow) // [batch, 1, 1, seq, seq]
+	zeros := graph.ZerosLike(graph.ConvertDType(allowed, dtypes.Float32))
+	blocked := graph.AddScalar(zeros, -1e9)
+	bias := graph.Where(allowed, zeros, blocked)
+	batch, seq := mask.Shape().Dim(0), mask.Shape().Dim(1)
+	group := cfg.NumHeads / cfg.NumKVHeads
+	return graph.BroadcastToDims(bias, batch, cfg.NumKVHeads, group, seq, seq)
+}
+
+// attention is grouped-query attention in a heads-major layout: queries are scaled and moved to
+// [batch, kvHeads, group, seq, headDim] before the products, so that the scores come out of the
+// matrix product in the order the softmax and the bias use, and only the small per-head tensors
+// are ever transposed, never the [batch, heads, seq, seq] scores.
+func attention(ctx *context.Context, cfg Config, x, cos, sin, bias *graph.Node) *graph.Node {
 	batch, seq := x.Shape().Dim(0), x.Shape().Dim(1)
 	hd, kvHeads := cfg.HeadDim(), cfg.NumKVHeads
 	group := cfg.NumHeads / kvHeads
@@ -350,17 +368,14 @@ func attention(ctx *context.Context, cfg Config, x, cos, sin, mask *graph.Node) 
 		q = rmsNorm(ctx.In("q_norm"), q, cfg.RMSNormEps)
 		k = rmsNorm(ctx.In("k_norm"), k, cfg.RMSNormEps)
 	}
-	q = applyRotary(q, cos, sin)
+	q = graph.MulScalar(applyRotary(q, cos, sin), 1/math.Sqrt(float64(hd)))
 	k = applyRotary(k, cos, sin)
 	// Query head h uses kv head h / group.
-	q = graph.Reshape(q, batch, seq, kvHeads, group, hd)
-	scores := graph.Einsum("bqkgd,bskd->bkgqs", q, k)
-	scores = graph.MulScalar(scores, 1/math.Sqrt(float64(hd)))
-	fullMask := graph.BroadcastToDims(mask, batch, kvHeads, group, seq, seq)
-	scores = graph.Where(fullMask, scores, graph.BroadcastToDims(graph.Scalar(x.Graph(), scores.DType(), -1e9), scores.Shape().Dimensions...))
+	q = graph.TransposeAllDims(graph.Reshape(q, batch, seq, kvHeads, group, hd), 0, 2, 3, 1, 4) // [b, k, g, q, d]
+	scores := graph.Add(graph.Einsum("bkgqd,bskd->bkgqs", q, k), bias)
 	probs := graph.Softmax(scores, -1)
-	out := graph.Einsum("bkgqs,bskd->bqkgd", probs, v)
-	out = graph.Reshape(out, batch, seq, cfg.NumHeads*hd)
+	out := graph.Einsum("bkgqs,bskd->bkgqd", probs, v)
+	out = graph.Reshape(graph.TransposeAllDims(out, 0, 3, 1, 2, 4), batch, seq, cfg.NumHeads*hd)
 	return peft.Linear(ctx.In("o_proj"), out, cfg.HiddenSize, fam.OBias)
 }
 

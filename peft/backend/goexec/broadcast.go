@@ -27,26 +27,37 @@ var binaryOpTypes = map[binaryOp]backends.OpType{
 }
 
 var (
-	broadcastInstalled bool
-	broadcastOn        atomic.Bool
-	broadcastCount     atomic.Int64
+	rowWiseInstalled bool
+	rowWiseOn        atomic.Bool
+	rowWiseCount     atomic.Int64
 )
 
-// InstallBroadcast makes the pure-Go backend run float32/float64 Add, Sub, Mul, Div, Max and Min
-// whose operands differ in shape (implicit broadcasting, as softmax, normalisations and rotary
-// embeddings produce) row by row: simplego's stock path computes every element's index with a
-// multi-axis iterator, about six times slower than a same-shape op. Same-shape and scalar
-// operands, and other dtypes, stay on the stock executors. Like Install, it is process-wide and
+// InstallRowWise makes the pure-Go backend run two kinds of float32/float64 ops row by row,
+// where simplego's stock executors compute every element's index with a multi-axis iterator
+// (about six times slower than a plain loop):
+//
+//   - Add, Sub, Mul, Div, Max and Min whose operands differ in shape (implicit broadcasting, as
+//     softmax, normalisations and rotary embeddings produce); same-shape and scalar operands stay
+//     on the stock executors;
+//   - ReduceSum and ReduceMax over one contiguous block of axes (softmax's last axis, the
+//     gradient of a broadcast), with the values added in the stock order.
+//
+// Other dtypes and layouts stay on the stock executors. Like Install, it is process-wide and
 // must run before the first graph executes; installing again turns it back on.
-func InstallBroadcast() error {
+func InstallRowWise() error {
 	installMu.Lock()
 	defer installMu.Unlock()
-	if broadcastInstalled {
-		broadcastOn.Store(true)
+	if rowWiseInstalled {
+		rowWiseOn.Store(true)
 		return nil
 	}
 	if err := prepare(); err != nil {
 		return err
+	}
+	for _, opType := range reduceOpTypes {
+		if nodeExecutors[opType] == nil {
+			return errors.New("goexec: simplego has no " + opType.String() + " executor to replace")
+		}
 	}
 	for op, opType := range binaryOpTypes {
 		stockOp := nodeExecutors[opType]
@@ -55,24 +66,27 @@ func InstallBroadcast() error {
 		}
 		nodeExecutors[opType] = broadcastExecutor(op, stockOp)
 	}
-	broadcastInstalled = true
-	broadcastOn.Store(true)
+	for _, opType := range reduceOpTypes {
+		nodeExecutors[opType] = reduceExecutor(opType == backends.OpTypeReduceMax, nodeExecutors[opType])
+	}
+	rowWiseInstalled = true
+	rowWiseOn.Store(true)
 	return nil
 }
 
-// UninstallBroadcast returns the binary ops to the stock executors (the table entries stay ours
+// UninstallRowWise returns the binary ops to the stock executors (the table entries stay ours
 // and pass every op through).
-func UninstallBroadcast() { broadcastOn.Store(false) }
+func UninstallRowWise() { rowWiseOn.Store(false) }
 
-// BroadcastCount returns how many binary ops have run on the row-wise broadcast path.
-func BroadcastCount() int64 { return broadcastCount.Load() }
+// RowWiseCount returns how many ops have run on the row-wise paths.
+func RowWiseCount() int64 { return rowWiseCount.Load() }
 
 func broadcastExecutor(op binaryOp, stockOp nodeExecutor) nodeExecutor {
 	return func(backend *simplego.Backend, node *simplego.Node, inputs []*simplego.Buffer, inputsOwned []bool) (*simplego.Buffer, error) {
 		outShape := nodeShape(node)
 		lhsShape, rhsShape := bufferShape(inputs[0]), bufferShape(inputs[1])
 		dtype := outShape.DType
-		if !broadcastOn.Load() || (dtype != dtypes.Float32 && dtype != dtypes.Float64) || lhsShape.Rank() != outShape.Rank() || rhsShape.Rank() != outShape.Rank() ||
+		if !rowWiseOn.Load() || (dtype != dtypes.Float32 && dtype != dtypes.Float64) || lhsShape.Rank() != outShape.Rank() || rhsShape.Rank() != outShape.Rank() ||
 			lhsShape.Size() == 1 || rhsShape.Size() == 1 || lhsShape.Equal(rhsShape) {
 			return stockOp(backend, node, inputs, inputsOwned)
 		}
@@ -87,7 +101,7 @@ func broadcastExecutor(op binaryOp, stockOp nodeExecutor) nodeExecutor {
 		default:
 			out = getBufferForShape(backend, outShape)
 			if out == nil {
-				return nil, errors.New("goexec: the backend is finalized")
+				return nil, errFinalized
 			}
 		}
 		lhs, rhs := inputs[0], inputs[1]
@@ -103,7 +117,7 @@ func broadcastExecutor(op binaryOp, stockOp nodeExecutor) nodeExecutor {
 		} else {
 			broadcastRows(op, plan, bufferFlat(out).([]float64), bufferFlat(lhs).([]float64), bufferFlat(rhs).([]float64))
 		}
-		broadcastCount.Add(1)
+		rowWiseCount.Add(1)
 		return out, nil
 	}
 }

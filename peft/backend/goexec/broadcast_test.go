@@ -55,7 +55,7 @@ func naiveBroadcast(op binaryOp, lhsDims []int, lhs []float64, rhsDims []int, rh
 }
 
 func TestBroadcastOps(t *testing.T) {
-	defer UninstallBroadcast()
+	defer UninstallRowWise()
 	backend := newBackend(t)
 	ops := []struct {
 		op binaryOp
@@ -91,14 +91,14 @@ func TestBroadcastOps(t *testing.T) {
 							}
 							return tensors.MustCopyFlatData[float64](out)
 						}
-						UninstallBroadcast()
+						UninstallRowWise()
 						stockVals := exec()
-						if err := InstallBroadcast(); err != nil {
+						if err := InstallRowWise(); err != nil {
 							t.Fatal(err)
 						}
-						before := BroadcastCount()
+						before := RowWiseCount()
 						got := exec()
-						if BroadcastCount() != before+1 {
+						if RowWiseCount() != before+1 {
 							t.Fatalf("the op did not take the row-wise path")
 						}
 						tol := 1e-12
@@ -119,16 +119,16 @@ func TestBroadcastOps(t *testing.T) {
 
 // Same-shape and scalar operands stay on the stock path.
 func TestBroadcastLeavesOtherShapes(t *testing.T) {
-	defer UninstallBroadcast()
+	defer UninstallRowWise()
 	backend := newBackend(t)
-	if err := InstallBroadcast(); err != nil {
+	if err := InstallRowWise(); err != nil {
 		t.Fatal(err)
 	}
-	before := BroadcastCount()
+	before := RowWiseCount()
 	x := tensors.FromFlatDataAndDimensions([]float32{1, 2, 3, 4}, 2, 2)
 	graph.MustNewExec(backend, graph.Add).MustExec(x, x)
 	graph.MustNewExec(backend, func(a *graph.Node) *graph.Node { return graph.AddScalar(a, 1) }).MustExec(x)
-	if BroadcastCount() != before {
+	if RowWiseCount() != before {
 		t.Fatalf("same-shape or scalar ops took the broadcast path")
 	}
 }

@@ -1,7 +1,7 @@
 // Package goexec replaces some executors of GoMLX's pure-Go backend ("simplego") with faster
 // ones: matrix products (DotGeneral) through an outside matrix-multiply kernel such as a BLAS
 // library's gemm (Install), and float32/float64 binary ops whose operands broadcast
-// (InstallBroadcast).
+// (InstallRowWise).
 //
 // GoMLX v0.25 has no hook for this: simplego's executors are an unexported table. This package
 // is the one place in peft that touches simplego's internals. Its DotGeneral executor turns each
@@ -47,6 +47,9 @@ const GoMLXModule = "github.com/gomlx/gomlx"
 // GoMLXVersion is the one GoMLX version whose internals this package knows. It must equal the
 // version in peft's go.mod (a test checks).
 const GoMLXVersion = "v0.25.0"
+
+// errFinalized is returned by an executor asked to run on a finalized backend.
+var errFinalized = errors.New("goexec: the backend is finalized")
 
 // ErrVersion is returned (wrapped) by Install when the binary's GoMLX is not GoMLXVersion.
 var ErrVersion = errors.New("goexec: unsupported GoMLX version")
@@ -149,7 +152,7 @@ func Counts() Stats {
 	return Stats{Hooked: hooked.Load(), Fallbacks: fallbacks.Load(), Transposed: transposed.Load()}
 }
 
-// EnvDisable, set to "off", keeps GoMLX's stock executors: Install and InstallBroadcast refuse.
+// EnvDisable, set to "off", keeps GoMLX's stock executors: Install and InstallRowWise refuse.
 const EnvDisable = "PEFT_GOEXEC"
 
 // ErrDisabled is returned by the installs when $PEFT_GOEXEC is "off".
@@ -317,7 +320,7 @@ func execDotGeneral(backend *simplego.Backend, node *simplego.Node, inputs []*si
 	}
 	out := getBufferForShape(backend, shape)
 	if out == nil {
-		return nil, errors.New("goexec: the backend is finalized")
+		return nil, errFinalized
 	}
 	if run(out) {
 		transposed.Add(1)
