@@ -2,7 +2,7 @@
 //
 //	go run ./examples/train -data examples/train/testdata -method lora -steps 300 -lr 1e-2 -seq 64 -out runs/colours
 //	go run ./examples/train -model DIR -data PATH -method NAME -steps N -out DIR [-batch B] [-seq T]
-//	    [-lr X] [-grad-accum K] [-eval-every N] [-save-every N] [-patience P] [-seed S] [-resume] [-json]
+//	    [-lr X] [-grad-accum K] [-eval-every N] [-save-every N] [-patience P] [-patience-threshold D] [-seed S] [-resume] [-json]
 //
 // -model is a Hugging Face model folder (default: the embedded stories260K). -data is a folder
 // with train.jsonl and valid.jsonl, or one .jsonl file of which -valid-share is held out for
@@ -84,6 +84,7 @@ type options struct {
 	GradAccum                 int
 	EvalEvery, SaveEvery      int
 	Patience                  int
+	PatienceThreshold         float64
 	Seed                      int64
 	Pack                      bool
 	ValidShare                float64
@@ -132,6 +133,7 @@ func main() {
 	flag.IntVar(&o.SaveEvery, "save-every", 0, "steps between checkpoints (default: -eval-every)")
 	flag.IntVar(&o.KeepCheckpoints, "keep-checkpoints", 3, "checkpoint-N folders kept, the newest (0: all)")
 	flag.IntVar(&o.Patience, "patience", 0, "stop after this many validations without improvement (0: never)")
+	flag.Float64Var(&o.PatienceThreshold, "patience-threshold", 0, "a validation loss improves only when it is below the best by more than this (Hugging Face's early_stopping_threshold)")
 	flag.Int64Var(&o.Seed, "seed", 0, "seed of the data order, the method's initialization and dropout")
 	flag.BoolVar(&o.Pack, "pack", false, "lay several short examples in one row (they then see each other, see peft/data)")
 	flag.Float64Var(&o.ValidShare, "valid-share", 0.1, "share of a single -data file held out for validation")
@@ -371,7 +373,7 @@ func run(o options) (result, error) {
 			eta := time.Duration(float64(o.Steps-step) * perStep * float64(time.Second))
 			o.printf("step %d/%d  train loss %.4f  valid loss %.4f  %.0f tokens/s  ETA %s\n",
 				step, o.Steps, point.TrainLoss, loss, point.TokensPS, eta.Round(time.Second))
-			if loss < state.Best {
+			if loss < state.Best-o.PatienceThreshold {
 				state.Best, state.BestStep, state.Stale = loss, step, 0
 				if err := m.Save(filepath.Join(o.Out, "best")); err != nil {
 					return result{}, err
@@ -524,6 +526,8 @@ func (o *options) check() error {
 		return fmt.Errorf("-valid-share must be in (0, 1), got %g", o.ValidShare)
 	case o.EvalEvery < 0 || o.SaveEvery < 0 || o.Patience < 0 || o.KeepCheckpoints < 0:
 		return errors.New("-eval-every, -save-every, -patience and -keep-checkpoints must be ≥ 0")
+	case !(o.PatienceThreshold >= 0) || math.IsInf(o.PatienceThreshold, 0):
+		return fmt.Errorf("-patience-threshold must be a number ≥ 0, got %g", o.PatienceThreshold)
 	case o.LR < 0 || math.IsNaN(o.LR) || math.IsInf(o.LR, 0):
 		return fmt.Errorf("-lr must be > 0, got %g", o.LR)
 	}

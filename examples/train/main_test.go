@@ -159,7 +159,9 @@ func readFile(t *testing.T, path string) string {
 // checkpoint is the step it stopped at.
 func TestEarlyStopping(t *testing.T) {
 	o := baseOptions(filepath.Join(t.TempDir(), "run"))
-	o.Steps, o.EvalEvery, o.Patience, o.LR = 10, 1, 2, 1e-9 // too small a rate to change the loss
+	// Too small a rate to change the loss by more than the threshold (it may move it by float32
+	// rounding, which a threshold of 0 would count as improvement).
+	o.Steps, o.EvalEvery, o.Patience, o.PatienceThreshold, o.LR = 10, 1, 2, 1e-3, 1e-9
 	res, err := run(o)
 	require.NoError(t, err)
 	require.True(t, res.StoppedEarly)

@@ -15,19 +15,28 @@
 //     searches, the XLA backend is used ("xla:cuda" is preferred over
 //     "xla:cpu"). If it cannot be created, Get tries the next plugin and finally
 //     falls back to pure Go, and Description says why.
-//  3. Otherwise the pure-Go backend with the deadlock-safe configuration
-//     "go:ops_sequential".
+//  3. Otherwise the pure-Go backend, created as "go:ops_sequential" and then,
+//     through peft/backend/goexec, switched to run independent ops in parallel on
+//     an unlimited worker pool (which cannot deadlock, see below); where goexec is
+//     unavailable (another GoMLX version, $PEFT_GOEXEC=off) it stays sequential.
 //
-// Why "ops_sequential": GoMLX v0.25's default pure-Go ("simplego") executor runs
-// independent ops of a graph in a worker pool of 2×NumCPU slots, and its matmul
-// (DotGeneral) splits its batch into tasks that wait for free slots while the
-// matmul itself holds one. A graph with several independent matmuls (a LoRA
-// model with a few targets) can fill every slot with matmuls that all wait for
-// each other: a deadlock. With "ops_sequential" the ops run one after another on
-// the calling goroutine (which holds no slot), so the matmul tasks always
-// complete; matmuls still use all cores. "parallelism=0" is safe as well (every
-// task runs inline) but single-threaded. This package never hands out GoMLX's
-// default "go" configuration.
+// Pure-Go speed: on the pure-Go backend (whether chosen automatically or through
+// $GOMLX_BACKEND) Get also installs goexec's faster executors: matrix products
+// through a BLAS library found at run time (peft/blas: OpenBLAS, or $PEFT_BLAS;
+// "PEFT_BLAS=off" keeps GoMLX's kernels) and broadcast binary ops and reductions
+// row by row. Without a BLAS library Description says how to install one.
+//
+// Why not GoMLX's default "go" configuration: GoMLX v0.25's pure-Go ("simplego")
+// executor runs independent ops of a graph in a worker pool of 2×NumCPU slots,
+// and its matmul (DotGeneral) splits its batch into tasks that wait for free
+// slots while the matmul itself holds one. A graph with several independent
+// matmuls (a LoRA model with a few targets) can fill every slot with matmuls that
+// all wait for each other: a deadlock. With "ops_sequential" the ops run one after
+// another on the calling goroutine (which holds no slot), so the matmul tasks
+// always complete; "parallelism=0" is safe as well (every task runs inline) and
+// so is an unlimited pool ("parallelism=-1": no task ever waits for a slot). This
+// package never hands out the default configuration, and rewrites a
+// $GOMLX_BACKEND that asks for it.
 //
 // Build notes: the package imports github.com/gomlx/gomlx/backends/default,
 // which registers the pure-Go backend ("go") and, on linux/amd64 and darwin
@@ -56,6 +65,7 @@ import (
 	"sync"
 
 	"github.com/gomlx/gomlx/backends"
+	"github.com/gomlx/gomlx/backends/simplego"
 
 	"peft/peft/backend/goexec"
 	"peft/peft/blas"
@@ -120,9 +130,9 @@ func Get() (backends.Backend, error) {
 
 // Description returns one human line saying which backend runs and why, e.g.
 //
-//	backend: go:ops_sequential (pure Go; no PJRT plugin found — install one to use XLA)
+//	backend: go, ops in parallel (pure Go; no PJRT plugin found — install one to use XLA); matmuls: OpenBLAS 0.3.21 … Haswell …, 1 thread
 //	backend: xla:cpu (PJRT plugin /usr/local/lib/gomlx/pjrt/pjrt_c_api_cpu_plugin.so)
-//	backend: go:ops_sequential (from GOMLX_BACKEND)
+//	backend: go:ops_sequential (from GOMLX_BACKEND); matmuls: pure Go, blas: no BLAS library found (…); install OpenBLAS …
 //
 // It is valid after Get succeeded and returns "" before.
 func Description() string {
@@ -192,7 +202,8 @@ func fromEnv(v string) candidate {
 }
 
 // safeGoConfig reports whether the simplego options opts are deadlock-safe
-// (the effective ops mode is sequential, or the effective parallelism is 0;
+// (the effective ops mode is sequential, or the effective parallelism is 0 or
+// unlimited (negative);
 // simplego applies options left to right, so the last one of a kind wins) and
 // returns a safe configuration ("go:" + options) otherwise.
 func safeGoConfig(opts string) (safe bool, fixed string) {
@@ -212,7 +223,7 @@ func safeGoConfig(opts string) (safe bool, fixed string) {
 			sequential = false
 		case optParallelism:
 			n, err := strconv.Atoi(value)
-			zeroParallelism = err == nil && n == 0
+			zeroParallelism = err == nil && n <= 0
 		}
 	}
 	if sequential || zeroParallelism {
@@ -248,9 +259,15 @@ func create(cands []candidate) (backends.Backend, string, error) {
 				reason += "; " + strings.Join(failures, "; ")
 			}
 		}
-		desc := fmt.Sprintf("backend: %s (%s)", c.config, reason)
+		config, parallel := c.config, false
+		if sg, ok := b.(*simplego.Backend); ok && c.pureGoFallback {
+			if err := goexec.RunOpsInParallel(sg); err == nil {
+				config, parallel = goBackendName+", ops in parallel", true
+			}
+		}
+		desc := fmt.Sprintf("backend: %s (%s)", config, reason)
 		if name, _ := splitConfig(c.config); name == goBackendName {
-			desc += "; matmuls: " + installExecutors()
+			desc += "; matmuls: " + installExecutors(parallel)
 		}
 		return b, desc, nil
 	}
@@ -258,9 +275,11 @@ func create(cands []candidate) (backends.Backend, string, error) {
 }
 
 // installExecutors speeds up the pure-Go backend (see peft/backend/goexec): broadcast binary
-// ops row by row, and matrix products through a BLAS library when one is found (peft/blas). It
-// returns what runs the matrix products, for Description.
-func installExecutors() string {
+// ops and reductions row by row, and matrix products through a BLAS library when one is found
+// (peft/blas). With ops in parallel each product runs on one BLAS thread (unless
+// $OPENBLAS_NUM_THREADS says otherwise): two BLAS threads next to a concurrent op busy-wait a
+// core, and measured slower. It returns what runs the matrix products, for Description.
+func installExecutors(opsInParallel bool) string {
 	if err := goexec.InstallRowWise(); err != nil {
 		return "pure Go, " + err.Error()
 	}
@@ -275,10 +294,17 @@ func installExecutors() string {
 	if err := goexec.Install(k); err != nil {
 		return "pure Go, " + err.Error()
 	}
-	if n := lib.Threads(); n > 0 {
+	if _, set := os.LookupEnv("OPENBLAS_NUM_THREADS"); opsInParallel && !set {
+		lib.SetThreads(1)
+	}
+	switch n := lib.Threads(); n {
+	case 0:
+		return lib.Version
+	case 1:
+		return lib.Version + ", 1 thread"
+	default:
 		return fmt.Sprintf("%s, %d threads", lib.Version, n)
 	}
-	return lib.Version
 }
 
 // newWithConfig is backends.NewWithConfig made safe: an unknown backend name is

@@ -47,12 +47,12 @@ var (
 func InstallRowWise() error {
 	installMu.Lock()
 	defer installMu.Unlock()
+	if err := prepare(); err != nil {
+		return err
+	}
 	if rowWiseInstalled {
 		rowWiseOn.Store(true)
 		return nil
-	}
-	if err := prepare(); err != nil {
-		return err
 	}
 	for _, opType := range reduceOpTypes {
 		if nodeExecutors[opType] == nil {

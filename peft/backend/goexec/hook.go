@@ -116,10 +116,10 @@ func Install(k Kernels) error {
 	}
 	installMu.Lock()
 	defer installMu.Unlock()
+	if err := prepare(); err != nil {
+		return err
+	}
 	if stock == nil {
-		if err := prepare(); err != nil {
-			return err
-		}
 		stock = nodeExecutors[backends.OpTypeDotGeneral]
 		if stock == nil {
 			return errors.New("goexec: simplego has no DotGeneral executor to replace")

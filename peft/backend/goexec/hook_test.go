@@ -315,3 +315,25 @@ func TestTransposeTable(t *testing.T) {
 		}
 	}
 }
+
+func TestMain(m *testing.M) {
+	// The tests check the executors themselves: a $PEFT_GOEXEC=off from outside must not turn
+	// them into no-ops (TestDisabled checks the variable).
+	os.Unsetenv(EnvDisable)
+	os.Exit(m.Run())
+}
+
+func TestDisabled(t *testing.T) {
+	t.Setenv(EnvDisable, "off")
+	for name, install := range map[string]func() error{
+		"Install":        func() error { return Install(Naive()) },
+		"InstallRowWise": InstallRowWise,
+		"RunOpsInParallel": func() error {
+			return RunOpsInParallel(nil) // refused before the backend is touched
+		},
+	} {
+		if err := install(); !errors.Is(err, ErrDisabled) {
+			t.Errorf("%s with %s=off: %v, want ErrDisabled", name, EnvDisable, err)
+		}
+	}
+}
