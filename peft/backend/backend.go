@@ -58,6 +58,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -276,9 +277,10 @@ func create(cands []candidate) (backends.Backend, string, error) {
 
 // installExecutors speeds up the pure-Go backend (see peft/backend/goexec): broadcast binary
 // ops and reductions row by row, and matrix products through a BLAS library when one is found
-// (peft/blas). With ops in parallel each product runs on one BLAS thread (unless
-// $OPENBLAS_NUM_THREADS says otherwise): two BLAS threads next to a concurrent op busy-wait a
-// core, and measured slower. It returns what runs the matrix products, for Description.
+// (peft/blas). With ops in parallel each BLAS call runs on one thread (unless
+// $OPENBLAS_NUM_THREADS says otherwise: two BLAS threads next to a concurrent op busy-wait a
+// core, and measured slower) and large products are split over the cores instead. It returns
+// what runs the matrix products, for Description.
 func installExecutors(opsInParallel bool) string {
 	if err := goexec.InstallRowWise(); err != nil {
 		return "pure Go, " + err.Error()
@@ -290,20 +292,26 @@ func installExecutors(opsInParallel bool) string {
 	case err != nil:
 		return "pure Go, " + err.Error()
 	}
-	k := goexec.Kernels{Name: lib.Version, Float32: lib.Sgemm, Float64: lib.Dgemm}
-	if err := goexec.Install(k); err != nil {
-		return "pure Go, " + err.Error()
-	}
 	if _, set := os.LookupEnv("OPENBLAS_NUM_THREADS"); opsInParallel && !set {
 		lib.SetThreads(1)
 	}
-	switch n := lib.Threads(); n {
-	case 0:
+	k := goexec.Kernels{Name: lib.Version, Float32: lib.Sgemm, Float64: lib.Dgemm}
+	threads := lib.Threads()
+	if threads == 1 {
+		// One BLAS thread per call: split large products over the cores ourselves, so that a
+		// product the rest of the graph waits for (most of a forward pass) still uses them all.
+		k.Split = runtime.GOMAXPROCS(0)
+	}
+	if err := goexec.Install(k); err != nil {
+		return "pure Go, " + err.Error()
+	}
+	switch {
+	case threads == 0:
 		return lib.Version
-	case 1:
-		return lib.Version + ", 1 thread"
+	case k.Split > 1:
+		return fmt.Sprintf("%s, 1 thread a call, large products split in %d", lib.Version, k.Split)
 	default:
-		return fmt.Sprintf("%s, %d threads", lib.Version, n)
+		return fmt.Sprintf("%s, %d threads", lib.Version, threads)
 	}
 }
 

@@ -2,6 +2,7 @@ package goexec
 
 import (
 	"errors"
+	"runtime"
 	"sync/atomic"
 
 	"github.com/gomlx/gomlx/backends"
@@ -19,6 +20,9 @@ const (
 	opDiv
 	opMax
 	opMin
+	// opFirst copies its first operand: BroadcastInDim as a binary op whose second operand
+	// is the first.
+	opFirst
 )
 
 var binaryOpTypes = map[binaryOp]backends.OpType{
@@ -37,10 +41,15 @@ var (
 // (about six times slower than a plain loop):
 //
 //   - Add, Sub, Mul, Div, Max and Min whose operands differ in shape (implicit broadcasting, as
-//     softmax, normalisations and rotary embeddings produce); same-shape and scalar operands stay
-//     on the stock executors;
+//     softmax, normalisations and rotary embeddings produce), and large same-shape ones, which
+//     are split over the cores; small same-shape and scalar operands stay on the stock
+//     executors;
 //   - ReduceSum and ReduceMax over one contiguous block of axes (softmax's last axis, the
-//     gradient of a broadcast), with the values added in the stock order.
+//     gradient of a broadcast): maxima bit for bit the stock ones, sums within rounding;
+//   - BroadcastInDim and Transpose (the layout ops of attention and of many gradients);
+//   - and, not row-wise but as slow in the stock executors: float32 Exp and Logistic through a
+//     float32 exponential within one ulp of the correctly rounded value (the stock executors
+//     call float64 math.Exp, about 10 ns a value; softmax and SiLU spend their time there).
 //
 // Other dtypes and layouts stay on the stock executors. Like Install, it is process-wide and
 // must run before the first graph executes; installing again turns it back on.
@@ -54,6 +63,16 @@ func InstallRowWise() error {
 		rowWiseOn.Store(true)
 		return nil
 	}
+	for _, opType := range []backends.OpType{backends.OpTypeBroadcastInDim, backends.OpTypeTranspose} {
+		if nodeExecutors[opType] == nil {
+			return errors.New("goexec: simplego has no " + opType.String() + " executor to replace")
+		}
+	}
+	for opType := range unaryOps {
+		if nodeExecutors[opType] == nil {
+			return errors.New("goexec: simplego has no " + opType.String() + " executor to replace")
+		}
+	}
 	for _, opType := range reduceOpTypes {
 		if nodeExecutors[opType] == nil {
 			return errors.New("goexec: simplego has no " + opType.String() + " executor to replace")
@@ -66,6 +85,11 @@ func InstallRowWise() error {
 		}
 		nodeExecutors[opType] = broadcastExecutor(op, stockOp)
 	}
+	for opType, fn := range unaryOps {
+		nodeExecutors[opType] = unaryExecutor(fn, nodeExecutors[opType])
+	}
+	nodeExecutors[backends.OpTypeBroadcastInDim] = broadcastInDimExecutor(nodeExecutors[backends.OpTypeBroadcastInDim])
+	nodeExecutors[backends.OpTypeTranspose] = transposeExecutor(nodeExecutors[backends.OpTypeTranspose])
 	for _, opType := range reduceOpTypes {
 		nodeExecutors[opType] = reduceExecutor(opType == backends.OpTypeReduceMax, nodeExecutors[opType])
 	}
@@ -81,13 +105,73 @@ func UninstallRowWise() { rowWiseOn.Store(false) }
 // RowWiseCount returns how many ops have run on the row-wise paths.
 func RowWiseCount() int64 { return rowWiseCount.Load() }
 
+// broadcastInDimExecutor runs a float32/float64 BroadcastInDim as rows copied or filled.
+func broadcastInDimExecutor(stockOp nodeExecutor) nodeExecutor {
+	return func(backend *simplego.Backend, node *simplego.Node, inputs []*simplego.Buffer, inputsOwned []bool) (*simplego.Buffer, error) {
+		outShape, inShape := nodeShape(node), bufferShape(inputs[0])
+		axes, ok := nodeData(node).([]int)
+		dtype := outShape.DType
+		if !rowWiseOn.Load() || !ok || len(axes) != inShape.Rank() || inShape.Size() == 1 || (dtype != dtypes.Float32 && dtype != dtypes.Float64) {
+			return stockOp(backend, node, inputs, inputsOwned)
+		}
+		// The operand's dimensions placed on the output axes, 1 elsewhere (as the stock op does).
+		placed := make([]int, outShape.Rank())
+		for i := range placed {
+			placed[i] = 1
+		}
+		for operandAxis, outAxis := range axes {
+			if outAxis < 0 || outAxis >= len(placed) {
+				return stockOp(backend, node, inputs, inputsOwned)
+			}
+			placed[outAxis] = inShape.Dimensions[operandAxis]
+		}
+		out := getBufferForShape(backend, outShape)
+		if out == nil {
+			return nil, errFinalized
+		}
+		plan := planBroadcast(outShape.Dimensions, placed, placed)
+		if dtype == dtypes.Float32 {
+			in := bufferFlat(inputs[0]).([]float32)
+			broadcastRows(opFirst, plan, bufferFlat(out).([]float32), in, in)
+		} else {
+			in := bufferFlat(inputs[0]).([]float64)
+			broadcastRows(opFirst, plan, bufferFlat(out).([]float64), in, in)
+		}
+		rowWiseCount.Add(1)
+		return out, nil
+	}
+}
+
+// transposeExecutor runs a float32/float64 Transpose row by row (transpose in gemm.go).
+func transposeExecutor(stockOp nodeExecutor) nodeExecutor {
+	return func(backend *simplego.Backend, node *simplego.Node, inputs []*simplego.Buffer, inputsOwned []bool) (*simplego.Buffer, error) {
+		outShape, inShape := nodeShape(node), bufferShape(inputs[0])
+		perm, ok := nodeData(node).([]int)
+		dtype := outShape.DType
+		if !rowWiseOn.Load() || !ok || len(perm) != inShape.Rank() || (dtype != dtypes.Float32 && dtype != dtypes.Float64) {
+			return stockOp(backend, node, inputs, inputsOwned)
+		}
+		out := getBufferForShape(backend, outShape)
+		if out == nil {
+			return nil, errFinalized
+		}
+		if dtype == dtypes.Float32 {
+			transpose(bufferFlat(out).([]float32), bufferFlat(inputs[0]).([]float32), inShape.Dimensions, perm)
+		} else {
+			transpose(bufferFlat(out).([]float64), bufferFlat(inputs[0]).([]float64), inShape.Dimensions, perm)
+		}
+		rowWiseCount.Add(1)
+		return out, nil
+	}
+}
+
 func broadcastExecutor(op binaryOp, stockOp nodeExecutor) nodeExecutor {
 	return func(backend *simplego.Backend, node *simplego.Node, inputs []*simplego.Buffer, inputsOwned []bool) (*simplego.Buffer, error) {
 		outShape := nodeShape(node)
 		lhsShape, rhsShape := bufferShape(inputs[0]), bufferShape(inputs[1])
 		dtype := outShape.DType
 		if !rowWiseOn.Load() || (dtype != dtypes.Float32 && dtype != dtypes.Float64) || lhsShape.Rank() != outShape.Rank() || rhsShape.Rank() != outShape.Rank() ||
-			lhsShape.Size() == 1 || rhsShape.Size() == 1 || lhsShape.Equal(rhsShape) {
+			lhsShape.Size() == 1 || rhsShape.Size() == 1 || (lhsShape.Equal(rhsShape) && outShape.Size() < minSplitElements) {
 			return stockOp(backend, node, inputs, inputsOwned)
 		}
 		// Reuse an operand's buffer for the output where the stock ops would: each output value
@@ -167,17 +251,39 @@ func planBroadcast(out, lhs, rhs []int) broadcastPlan {
 	return p
 }
 
-// broadcastRows computes out = lhs op rhs following plan, one innermost row at a time.
+// broadcastRows computes out = lhs op rhs following plan, one innermost row at a time, the rows
+// split over the cores when there are many values.
 func broadcastRows[T float32 | float64](op binaryOp, p broadcastPlan, out, lhs, rhs []T) {
 	rank := len(p.dims)
 	if rank == 0 {
 		out[0] = apply(op, lhs[0], rhs[0])
 		return
 	}
+	n := p.dims[rank-1]
+	rows := len(out) / n
+	if len(out) < minSplitElements {
+		broadcastRowRange(op, p, out, lhs, rhs, 0, rows)
+		return
+	}
+	parallelFor(runtime.GOMAXPROCS(0), rows, func(lo, hi int) {
+		broadcastRowRange(op, p, out, lhs, rhs, lo, hi)
+	})
+}
+
+// broadcastRowRange computes the rows [lo, hi) of broadcastRows.
+func broadcastRowRange[T float32 | float64](op binaryOp, p broadcastPlan, out, lhs, rhs []T, lo, hi int) {
+	rank := len(p.dims)
 	n, ls, rs := p.dims[rank-1], p.lhsStrides[rank-1], p.rhsStrides[rank-1]
+	// The outer indices of row lo, and the operands' offsets there.
 	idx := make([]int, rank)
 	li, ri := 0, 0
-	for o := 0; o < len(out); o += n {
+	for ax, rem := rank-2, lo; ax >= 0; ax-- {
+		idx[ax] = rem % p.dims[ax]
+		rem /= p.dims[ax]
+		li += idx[ax] * p.lhsStrides[ax]
+		ri += idx[ax] * p.rhsStrides[ax]
+	}
+	for o := lo * n; o < hi*n; o += n {
 		row(op, out[o:o+n], lhs[li:], ls, rhs[ri:], rs)
 		for ax := rank - 2; ax >= 0; ax-- {
 			idx[ax]++
@@ -205,8 +311,10 @@ func apply[T float32 | float64](op binaryOp, a, b T) T {
 		return a / b
 	case opMax:
 		return max(a, b)
-	default:
+	case opMin:
 		return min(a, b)
+	default:
+		return a
 	}
 }
 
@@ -238,10 +346,12 @@ func row[T float32 | float64](op binaryOp, out, a []T, as int, b []T, bs int) {
 			for i := range out {
 				out[i] = max(a[i], b[i])
 			}
-		default:
+		case opMin:
 			for i := range out {
 				out[i] = min(a[i], b[i])
 			}
+		default:
+			copy(out, a)
 		}
 	case as == 1:
 		a, c := a[:n], b[0]
@@ -266,10 +376,12 @@ func row[T float32 | float64](op binaryOp, out, a []T, as int, b []T, bs int) {
 			for i := range out {
 				out[i] = max(a[i], c)
 			}
-		default:
+		case opMin:
 			for i := range out {
 				out[i] = min(a[i], c)
 			}
+		default:
+			copy(out, a)
 		}
 	case bs == 1:
 		c, b := a[0], b[:n]
@@ -294,9 +406,13 @@ func row[T float32 | float64](op binaryOp, out, a []T, as int, b []T, bs int) {
 			for i := range out {
 				out[i] = max(c, b[i])
 			}
-		default:
+		case opMin:
 			for i := range out {
 				out[i] = min(c, b[i])
+			}
+		default:
+			for i := range out {
+				out[i] = c
 			}
 		}
 	default: // both broadcast along the row: cannot happen for a row longer than 1

@@ -25,6 +25,9 @@ var broadcastCases = []struct {
 	{"both sides", []int{3, 1}, []int{1, 4}},
 	{"outer and inner", []int{1, 3, 1}, []int{2, 3, 4}},
 	{"size-1 output axes", []int{1, 3, 1, 4}, []int{2, 3, 1, 1}},
+	{"large, split over the cores", []int{4, 8, 33, 65}, []int{4, 8, 33, 1}},
+	{"large, rows split mid-axis", []int{3, 7, 11, 13, 29}, []int{3, 1, 11, 1, 29}},
+	{"large, same shape", []int{4, 8, 33, 65}, []int{4, 8, 33, 65}},
 }
 
 // naiveBroadcast is the definition: out[i…] = lhs[i… with broadcast axes at 0] op rhs[…].
@@ -117,7 +120,7 @@ func TestBroadcastOps(t *testing.T) {
 	}
 }
 
-// Same-shape and scalar operands stay on the stock path.
+// Small same-shape and scalar operands stay on the stock path.
 func TestBroadcastLeavesOtherShapes(t *testing.T) {
 	defer UninstallRowWise()
 	backend := newBackend(t)
@@ -130,5 +133,58 @@ func TestBroadcastLeavesOtherShapes(t *testing.T) {
 	graph.MustNewExec(backend, func(a *graph.Node) *graph.Node { return graph.AddScalar(a, 1) }).MustExec(x)
 	if RowWiseCount() != before {
 		t.Fatalf("same-shape or scalar ops took the broadcast path")
+	}
+}
+
+// BroadcastInDim and Transpose only move values: the fast executors give the stock results bit
+// for bit.
+func TestLayoutOps(t *testing.T) {
+	defer UninstallRowWise()
+	backend := newBackend(t)
+	for _, tc := range []struct {
+		name string
+		dims []int
+		fn   func(x *graph.Node) *graph.Node
+	}{
+		{"broadcast mask bias", []int{2, 1, 1, 5, 5}, func(x *graph.Node) *graph.Node { return graph.BroadcastToDims(x, 2, 3, 2, 5, 5) }},
+		{"broadcast last axis", []int{2, 3, 1}, func(x *graph.Node) *graph.Node { return graph.BroadcastToDims(x, 2, 3, 7) }},
+		{"broadcast leading axes", []int{1, 1, 6}, func(x *graph.Node) *graph.Node { return graph.BroadcastToDims(x, 4, 5, 6) }},
+		{"broadcast large", []int{8, 1, 1, 40, 40}, func(x *graph.Node) *graph.Node { return graph.BroadcastToDims(x, 8, 4, 2, 40, 40) }},
+		{"transpose heads", []int{2, 5, 3, 2, 4}, func(x *graph.Node) *graph.Node { return graph.TransposeAllDims(x, 0, 2, 3, 1, 4) }},
+		{"transpose back", []int{2, 3, 2, 5, 4}, func(x *graph.Node) *graph.Node { return graph.TransposeAllDims(x, 0, 3, 1, 2, 4) }},
+		{"transpose matrix", []int{7, 9}, func(x *graph.Node) *graph.Node { return graph.TransposeAllDims(x, 1, 0) }},
+		{"transpose reversed", []int{2, 3, 4, 5}, func(x *graph.Node) *graph.Node { return graph.TransposeAllDims(x, 3, 2, 1, 0) }},
+	} {
+		for _, dtype := range []dtypes.DType{dtypes.Float32, dtypes.Float64} {
+			t.Run(fmt.Sprintf("%s/%s", tc.name, dtype), func(t *testing.T) {
+				in := values(size(tc.dims), 4)
+				exec := func() []float64 {
+					if dtype == dtypes.Float32 {
+						out := graph.MustNewExec(backend, tc.fn).MustExec(tensors.FromFlatDataAndDimensions(toFloat32(in), tc.dims...))[0]
+						return toFloat64(tensors.MustCopyFlatData[float32](out))
+					}
+					out := graph.MustNewExec(backend, tc.fn).MustExec(tensors.FromFlatDataAndDimensions(in, tc.dims...))[0]
+					return tensors.MustCopyFlatData[float64](out)
+				}
+				UninstallRowWise()
+				want := exec()
+				if err := InstallRowWise(); err != nil {
+					t.Fatal(err)
+				}
+				before := RowWiseCount()
+				got := exec()
+				if RowWiseCount() == before {
+					t.Fatal("the op did not take the fast executor")
+				}
+				if len(got) != len(want) {
+					t.Fatalf("%d values, stock %d", len(got), len(want))
+				}
+				for i := range want {
+					if got[i] != want[i] {
+						t.Fatalf("value %d: %g, stock %g", i, got[i], want[i])
+					}
+				}
+			})
+		}
 	}
 }

@@ -70,7 +70,7 @@ func layoutOf(dims, batchAxes, contractAxes []int) operandLayout {
 
 // product computes the DotGeneral described by p into out ([batch, lhsCross, rhsCross]) with
 // gemm. It reports whether an operand had to be transposed first.
-func product[T float32 | float64](gemm Gemm[T], p *dotGeneralNodeData, lhsDims []int, lhs []T, rhsDims []int, rhs []T, out []T) (transposedAny bool) {
+func product[T float32 | float64](gemm Gemm[T], split int, p *dotGeneralNodeData, lhsDims []int, lhs []T, rhsDims []int, rhs []T, out []T) (transposedAny bool) {
 	batch, m, n, k := p.batchSize, p.lhsCrossSize, p.rhsCrossSize, p.contractingSize
 	lhsLayout := layoutOf(lhsDims, p.lhsBatchAxes, p.lhsContractingAxes)
 	rhsLayout := layoutOf(rhsDims, p.rhsBatchAxes, p.rhsContractingAxes)
@@ -94,10 +94,59 @@ func product[T float32 | float64](gemm Gemm[T], p *dotGeneralNodeData, lhsDims [
 	if rhsLayout.rowsContract {
 		transB, ldb = false, n
 	}
-	for i := range batch {
+	one := func(i int) {
 		gemm(transA, transB, m, n, k, lhs[i*m*k:(i+1)*m*k], lda, rhs[i*n*k:(i+1)*n*k], ldb, out[i*m*n:(i+1)*m*n], n)
 	}
+	switch {
+	case split <= 1 || batch*m*n*k < SplitMinMACs:
+		for i := range batch {
+			one(i)
+		}
+	case batch >= split:
+		parallelFor(split, batch, func(lo, hi int) {
+			for i := lo; i < hi; i++ {
+				one(i)
+			}
+		})
+	default:
+		for i := range batch {
+			a, b, c := lhs[i*m*k:(i+1)*m*k], rhs[i*n*k:(i+1)*n*k], out[i*m*n:(i+1)*m*n]
+			if m >= n { // split op(A)'s rows and C's
+				parallelFor(split, m, func(lo, hi int) {
+					aOff := lo * lda
+					if transA {
+						aOff = lo
+					}
+					gemm(transA, transB, hi-lo, n, k, a[aOff:], lda, b, ldb, c[lo*n:], n)
+				})
+			} else { // split op(B)'s columns and C's
+				parallelFor(split, n, func(lo, hi int) {
+					bOff := lo
+					if transB {
+						bOff = lo * ldb
+					}
+					gemm(transA, transB, m, hi-lo, k, a, lda, b[bOff:], ldb, c[lo:], n)
+				})
+			}
+		}
+	}
 	return lhsLayout.perm != nil || rhsLayout.perm != nil
+}
+
+// parallelFor splits [0, n) into at most parts ranges and runs fn on each, the last one on the
+// calling goroutine.
+func parallelFor(parts, n int, fn func(lo, hi int)) {
+	parts = min(parts, n)
+	var wg sync.WaitGroup
+	for p := range parts - 1 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			fn(p*n/parts, (p+1)*n/parts)
+		}()
+	}
+	fn((parts-1)*n/parts, n)
+	wg.Wait()
 }
 
 // transpose writes src (row-major, dims) into dst with its axes reordered: dst's axis j is

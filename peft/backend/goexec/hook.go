@@ -66,7 +66,16 @@ type Kernels struct {
 	Name    string
 	Float32 Gemm[float32]
 	Float64 Gemm[float64]
+	// Split, when above 1, splits each large product (at least SplitMinMACs multiply-adds)
+	// into that many parts run on their own goroutines: for single-threaded kernels, so that a
+	// product the rest of the graph waits for still uses every core. Kernels must then be safe
+	// for concurrent calls.
+	Split int
 }
+
+// SplitMinMACs is the size (batch·m·n·k) from which Kernels.Split applies: below it a
+// goroutine's start costs more than the share of the product it takes.
+const SplitMinMACs = 1 << 20
 
 // nodeExecutor is simplego's executor signature (exec.go).
 type nodeExecutor func(backend *simplego.Backend, node *simplego.Node, inputs []*simplego.Buffer, inputsOwned []bool) (*simplego.Buffer, error)
@@ -305,12 +314,12 @@ func execDotGeneral(backend *simplego.Backend, node *simplego.Node, inputs []*si
 	case p == nil:
 	case shape.DType == dtypes.Float32 && k.Float32 != nil:
 		run = func(out *simplego.Buffer) bool {
-			return product(k.Float32, p, bufferShape(inputs[0]).Dimensions, bufferFlat(inputs[0]).([]float32),
+			return product(k.Float32, k.Split, p, bufferShape(inputs[0]).Dimensions, bufferFlat(inputs[0]).([]float32),
 				bufferShape(inputs[1]).Dimensions, bufferFlat(inputs[1]).([]float32), bufferFlat(out).([]float32))
 		}
 	case shape.DType == dtypes.Float64 && k.Float64 != nil:
 		run = func(out *simplego.Buffer) bool {
-			return product(k.Float64, p, bufferShape(inputs[0]).Dimensions, bufferFlat(inputs[0]).([]float64),
+			return product(k.Float64, k.Split, p, bufferShape(inputs[0]).Dimensions, bufferFlat(inputs[0]).([]float64),
 				bufferShape(inputs[1]).Dimensions, bufferFlat(inputs[1]).([]float64), bufferFlat(out).([]float64))
 		}
 	}

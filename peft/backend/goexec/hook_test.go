@@ -337,3 +337,35 @@ func TestDisabled(t *testing.T) {
 		}
 	}
 }
+
+// TestSplitProducts: large products split over goroutines (Kernels.Split, three parts so that
+// the ranges are uneven) by rows of op(A), by columns of op(B) and by batch, with either
+// operand transposed, give the stock results.
+func TestSplitProducts(t *testing.T) {
+	defer Uninstall()
+	backend := newBackend(t)
+	cases := []dotCase{
+		{"rows", []int{1, 256, 64}, []int{2}, nil, []int{64, 96}, []int{0}, nil, false},
+		{"rows of Aᵀ", []int{256, 128}, []int{0}, nil, []int{256, 48}, []int{0}, nil, false},
+		{"columns", []int{256, 64}, []int{0}, nil, []int{256, 96}, []int{0}, nil, false},
+		{"columns of Bᵀ", []int{64, 256}, []int{1}, nil, []int{96, 256}, []int{1}, nil, false},
+		{"batch", []int{4, 128, 64}, []int{2}, []int{0}, []int{4, 64, 128}, []int{1}, []int{0}, false},
+	}
+	split := Naive()
+	split.Split = 3
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			Uninstall()
+			want := c.run(t, backend, dtypes.Float64)
+			if err := Install(split); err != nil {
+				t.Fatal(err)
+			}
+			got := c.run(t, backend, dtypes.Float64)
+			for i := range want {
+				if math.Abs(got[i]-want[i]) > 1e-9 {
+					t.Fatalf("value %d: split %g, stock %g", i, got[i], want[i])
+				}
+			}
+		})
+	}
+}

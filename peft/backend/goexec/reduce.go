@@ -2,6 +2,7 @@ package goexec
 
 import (
 	"math"
+	"runtime"
 
 	"github.com/gomlx/gomlx/backends"
 	"github.com/gomlx/gomlx/backends/simplego"
@@ -13,8 +14,8 @@ var reduceOpTypes = []backends.OpType{backends.OpTypeReduceSum, backends.OpTypeR
 
 // reduceExecutor runs a float32/float64 ReduceSum or ReduceMax whose reduced axes form one
 // contiguous block (softmax's last axis, a broadcast's gradient over leading axes) as
-// [outer, reduced, inner] row sums, adding values in the stock executor's order, so results are
-// bit for bit the same; anything else goes to stockOp.
+// [outer, reduced, inner] rows (maxima bit for bit the stock ones; sums of a last axis with four
+// running sums, so within rounding of the stock in-order sums); anything else goes to stockOp.
 func reduceExecutor(isMax bool, stockOp nodeExecutor) nodeExecutor {
 	return func(backend *simplego.Backend, node *simplego.Node, inputs []*simplego.Buffer, inputsOwned []bool) (*simplego.Buffer, error) {
 		axes, ok := nodeData(node).([]int)
@@ -76,22 +77,26 @@ func reduceBlock(dims, axes []int) (outer, reduced, inner int, ok bool) {
 // reduceRows sums (or takes the maximum, starting from lowest as GoMLX does) over the middle
 // axis of in [outer, reduced, inner] into out [outer, inner].
 func reduceRows[T float32 | float64](isMax bool, outer, reduced, inner int, in, out []T, lowest T) {
-	for o := range outer {
+	parts := runtime.GOMAXPROCS(0)
+	if len(in) < minSplitElements || outer < parts {
+		reduceOuterRange(isMax, reduced, inner, in, out, lowest, 0, outer)
+		return
+	}
+	parallelFor(parts, outer, func(lo, hi int) {
+		reduceOuterRange(isMax, reduced, inner, in, out, lowest, lo, hi)
+	})
+}
+
+// reduceOuterRange computes the outer indices [lo, hi) of reduceRows.
+func reduceOuterRange[T float32 | float64](isMax bool, reduced, inner int, in, out []T, lowest T, lo, hi int) {
+	for o := lo; o < hi; o++ {
 		dst := out[o*inner : (o+1)*inner]
 		src := in[o*reduced*inner : (o+1)*reduced*inner]
 		if inner == 1 {
 			if isMax {
-				m := lowest
-				for _, v := range src {
-					m = max(m, v)
-				}
-				dst[0] = m
+				dst[0] = maxOf(src, lowest)
 			} else {
-				var s T
-				for _, v := range src {
-					s += v
-				}
-				dst[0] = s
+				dst[0] = sumOf(src)
 			}
 			continue
 		}
@@ -115,4 +120,49 @@ func reduceRows[T float32 | float64](isMax bool, outer, reduced, inner int, in, 
 			}
 		}
 	}
+}
+
+// maxOf is max(lowest, src...), NaN if any value is NaN (as the stock executor's), with four
+// running maxima that the CPU overlaps; the maximum does not depend on the order.
+func maxOf[T float32 | float64](src []T, lowest T) T {
+	m0, m1, m2, m3 := lowest, lowest, lowest, lowest
+	i := 0
+	for ; i+4 <= len(src); i += 4 {
+		// v > m or v is NaN: a NaN, once taken, is kept (nothing compares greater).
+		if v := src[i]; v > m0 || v != v {
+			m0 = v
+		}
+		if v := src[i+1]; v > m1 || v != v {
+			m1 = v
+		}
+		if v := src[i+2]; v > m2 || v != v {
+			m2 = v
+		}
+		if v := src[i+3]; v > m3 || v != v {
+			m3 = v
+		}
+	}
+	for ; i < len(src); i++ {
+		if v := src[i]; v > m0 || v != v {
+			m0 = v
+		}
+	}
+	return max(max(m0, m1), max(m2, m3))
+}
+
+// sumOf adds src with four running sums, which the CPU overlaps (one running sum waits for
+// each addition); the result differs from the stock executor's in-order sum by rounding only.
+func sumOf[T float32 | float64](src []T) T {
+	var s0, s1, s2, s3 T
+	i := 0
+	for ; i+4 <= len(src); i += 4 {
+		s0 += src[i]
+		s1 += src[i+1]
+		s2 += src[i+2]
+		s3 += src[i+3]
+	}
+	for ; i < len(src); i++ {
+		s0 += src[i]
+	}
+	return (s0 + s1) + (s2 + s3)
 }
