@@ -2,7 +2,6 @@ package goexec
 
 import (
 	"errors"
-	"runtime"
 	"sync/atomic"
 
 	"github.com/gomlx/gomlx/backends"
@@ -41,9 +40,8 @@ var (
 // (about six times slower than a plain loop):
 //
 //   - Add, Sub, Mul, Div, Max and Min whose operands differ in shape (implicit broadcasting, as
-//     softmax, normalisations and rotary embeddings produce), and large same-shape ones, which
-//     are split over the cores; small same-shape and scalar operands stay on the stock
-//     executors;
+//     softmax, normalisations and rotary embeddings produce); same-shape and scalar operands
+//     stay on the stock executors;
 //   - ReduceSum and ReduceMax over one contiguous block of axes (softmax's last axis, the
 //     gradient of a broadcast): maxima bit for bit the stock ones, sums within rounding;
 //   - BroadcastInDim and Transpose (the layout ops of attention and of many gradients);
@@ -171,7 +169,7 @@ func broadcastExecutor(op binaryOp, stockOp nodeExecutor) nodeExecutor {
 		lhsShape, rhsShape := bufferShape(inputs[0]), bufferShape(inputs[1])
 		dtype := outShape.DType
 		if !rowWiseOn.Load() || (dtype != dtypes.Float32 && dtype != dtypes.Float64) || lhsShape.Rank() != outShape.Rank() || rhsShape.Rank() != outShape.Rank() ||
-			lhsShape.Size() == 1 || rhsShape.Size() == 1 || (lhsShape.Equal(rhsShape) && outShape.Size() < minSplitElements) {
+			lhsShape.Size() == 1 || rhsShape.Size() == 1 || lhsShape.Equal(rhsShape) {
 			return stockOp(backend, node, inputs, inputsOwned)
 		}
 		// Reuse an operand's buffer for the output where the stock ops would: each output value
@@ -251,23 +249,16 @@ func planBroadcast(out, lhs, rhs []int) broadcastPlan {
 	return p
 }
 
-// broadcastRows computes out = lhs op rhs following plan, one innermost row at a time, the rows
-// split over the cores when there are many values.
+// broadcastRows computes out = lhs op rhs following plan, one innermost row at a time. (Split
+// over the cores these memory-bound loops measured no faster: waking a second core costs as
+// much as it saves.)
 func broadcastRows[T float32 | float64](op binaryOp, p broadcastPlan, out, lhs, rhs []T) {
 	rank := len(p.dims)
 	if rank == 0 {
 		out[0] = apply(op, lhs[0], rhs[0])
 		return
 	}
-	n := p.dims[rank-1]
-	rows := len(out) / n
-	if len(out) < minSplitElements {
-		broadcastRowRange(op, p, out, lhs, rhs, 0, rows)
-		return
-	}
-	parallelFor(runtime.GOMAXPROCS(0), rows, func(lo, hi int) {
-		broadcastRowRange(op, p, out, lhs, rhs, lo, hi)
-	})
+	broadcastRowRange(op, p, out, lhs, rhs, 0, len(out)/p.dims[rank-1])
 }
 
 // broadcastRowRange computes the rows [lo, hi) of broadcastRows.

@@ -36,18 +36,21 @@ var unaryOps = map[backends.OpType]func(in, out []float32){
 	backends.OpTypeLogistic: logistic32s,
 }
 
-func exp32s(in, out []float32) {
-	splitElements(len(in), func(lo, hi int) {
-		for i, x := range in[lo:hi] {
-			out[lo+i] = exp32(x)
-		}
-	})
-}
+func exp32s(in, out []float32) { elementwise(in, out, exp32, exp32AVX2) }
 
-func logistic32s(in, out []float32) {
+func logistic32s(in, out []float32) { elementwise(in, out, logistic32, logistic32AVX2) }
+
+// elementwise sets out[i] = fn(in[i]), four at a time through the AVX2 kernel where the CPU has
+// it, split over the cores when there are many values.
+func elementwise(in, out []float32, fn func(float32) float32, avx2 func(in, out *float32, blocks int)) {
+	out = out[:len(in)]
 	splitElements(len(in), func(lo, hi int) {
-		for i, x := range in[lo:hi] {
-			out[lo+i] = logistic32(x)
+		if blocks := (hi - lo) / 4; hasAVX2 && blocks > 0 {
+			avx2(&in[lo], &out[lo], blocks)
+			lo += 4 * blocks
+		}
+		for i := lo; i < hi; i++ {
+			out[i] = fn(in[i])
 		}
 	})
 }

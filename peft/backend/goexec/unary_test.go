@@ -127,3 +127,43 @@ func TestUnaryOps(t *testing.T) {
 		})
 	}
 }
+
+// The AVX2 kernels compute what the Go code computes (the same float64 operations; at most an
+// ulp apart where the compiler fuses a multiply-add, as with GOAMD64=v3), on every length.
+func TestAVX2MatchesGo(t *testing.T) {
+	if !hasAVX2 {
+		t.Skip("this CPU (or build) has no AVX2 kernels: the Go loops, checked above, run")
+	}
+	var xs []float32
+	sweep(-120, 120, func(x float32) { xs = append(xs, x) })
+	xs = append(xs, float32(math.NaN()), float32(math.Inf(1)), float32(math.Inf(-1)))
+	for _, k := range []struct {
+		name string
+		vec  func(in, out []float32)
+		one  func(float32) float32
+	}{{"exp", exp32s, exp32}, {"logistic", logistic32s, logistic32}} {
+		for _, n := range []int{len(xs), 1, 3, 4, 5, 7, 9} {
+			out := make([]float32, n)
+			k.vec(xs[:n], out)
+			off := 0
+			for i, x := range xs[:n] {
+				want := k.one(x)
+				if want != want {
+					if out[i] == out[i] {
+						t.Fatalf("%s(%g) = %g, want NaN", k.name, x, out[i])
+					}
+					continue
+				}
+				if out[i] != want {
+					off++
+					if ulps(out[i], want) > 1 {
+						t.Fatalf("%s(%g): AVX2 %g, Go %g", k.name, x, out[i], want)
+					}
+				}
+			}
+			if n == len(xs) {
+				t.Logf("%s: %d values, %d not bit-identical to the Go code", k.name, n, off)
+			}
+		}
+	}
+}

@@ -2,6 +2,8 @@ package goexec
 
 import "testing"
 
+// BenchmarkExp32 times the float32 exponential over 64K values (split over the cores, AVX2 where
+// the CPU has it); ns/value is per value.
 func BenchmarkExp32(b *testing.B) {
 	in := make([]float32, 1<<16)
 	out := make([]float32, len(in))
