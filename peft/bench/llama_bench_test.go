@@ -18,30 +18,38 @@ package bench
 // full fine-tuning, or ms per forward pass and the ratio to the base model), so one run gives
 // the ratios. Compare ratios measured in one run: these machines are noisy.
 //
-// Time. On the pure-Go backend (go:ops_sequential, which spreads large matmuls over the cores) a
-// medium train step takes 45–80 s on the 2-core development machine (full fine-tuning; the other
-// methods 0.7–0.85 of that) and a medium forward pass about 16 s, so the medium model takes
-// about 16 minutes at -benchtime 2x on an idle machine and twice that on a busy one (every case
-// also runs one untimed warm-up step or call, which compiles). On that backend the
-// medium model therefore runs only when PEFT_BENCH_MODELS names it (otherwise its
-// sub-benchmarks are skipped, saying so), and
+// One command runs both models, every method, and prints the summary tables (ms per step or
+// call, tokens/s, the matrix products' GFLOP/s and the machine's load average beside each row):
+//
+//	PEFT_BENCH_MODELS=stories260K,medium go test -run '^$' -bench Llama -benchtime 3x -timeout 30m ./peft/bench/
+//
+// and the PyTorch peer's figures for the same work come from
+//
+//	/usr/bin/python3 ../shared/peers/torch_peft_bench.py --quick --models stories260K,medium
+//
+// (see the README's performance table, which gives both as ratios measured in one window).
+//
+// Time. On the pure-Go backend with OpenBLAS (see peft/backend: ops in parallel, matmuls through
+// BLAS) the command above takes about four minutes on the 2-core development machine: a
+// stories260K step takes about 0.1 s, a medium step 1–1.5 s. Without a BLAS library a medium step
+// takes about 20 s (a forward pass about 6 s), so on that backend the medium model runs only
+// when PEFT_BENCH_MODELS names it (otherwise its sub-benchmarks are skipped, saying so), and
 //
 //	go test -run '^$' -bench Llama -benchtime 3x ./peft/bench/
 //
-// runs stories260K only, in about 75 seconds (3 minutes at 10x: a stories260K step takes about
-// 2 s, a forward pass about 1 s). With XLA both models run by default. PEFT_BENCH_MODELS
-// is a comma-separated list of model names (stories260K, medium); -bench selects cases:
+// runs stories260K only. With XLA or BLAS both models run by default. PEFT_BENCH_MODELS is a
+// comma-separated list of model names (stories260K, medium); -bench selects cases:
 //
-//	PEFT_BENCH_MODELS=stories260K go test -run '^$' -bench Llama -benchtime 10x ./peft/bench/
-//	PEFT_BENCH_MODELS=medium go test -run '^$' -bench Llama -benchtime 2x -timeout 90m ./peft/bench/
 //	PEFT_BENCH_MODELS=medium go test -run '^$' -bench 'LlamaTrainStep/medium/(full|lora)$' -benchtime 2x -timeout 30m ./peft/bench/
-//	PEFT_BENCH_MODELS=medium go test -run '^$' -bench 'LlamaInference/medium/(base|lora-)' -benchtime 2x -timeout 60m ./peft/bench/
+//	PEFT_BENCH_MODELS=medium go test -run '^$' -bench 'LlamaInference/medium/(base|lora-)' -benchtime 2x -timeout 30m ./peft/bench/
 //
-// go test's default -timeout (10 minutes) is too short for the medium model: pass -timeout.
+// go test's default -timeout (10 minutes) can be too short for the medium model: pass -timeout.
+// The stock GoMLX executors (the "before" of the README's table) run with PEFT_GOEXEC=off.
 // Each case also reports cpu-ms/op, the process's CPU time per op (all threads): on a shared
 // machine it moves less than wall time (waiting for a core does not count), and the summary
-// tables give ratios of both. Where the backend uses more than one core (the medium model's
-// matmuls), CPU time exceeds wall time.
+// tables give ratios of both. Where the backend uses more than one core, CPU time exceeds wall
+// time. GFLOP/s counts the matrix products only (2 per multiply-add, as goexec counts them on
+// the pure-Go backend; "-" on XLA).
 
 import (
 	"fmt"
@@ -67,6 +75,7 @@ import (
 	"peft/lora"
 	"peft/peft"
 	"peft/peft/backend"
+	"peft/peft/backend/goexec"
 	"peft/peft/llama"
 	"peft/peft/pefttest"
 	"peft/peft/stories260k"
@@ -129,22 +138,25 @@ var llamaMethods = []llamaMethod{
 	{"prompt-tuning", promptTuning},
 }
 
-// slowOnPureGo names the models that only run on the pure-Go backend when PEFT_BENCH_MODELS asks
-// for them: there a medium train step takes about a minute, too long for `go test -bench .`.
+// slowOnPureGo names the models that only run on the pure-Go backend without a BLAS library when
+// PEFT_BENCH_MODELS asks for them: there a medium train step takes about 20 s, too long for
+// `go test -bench .`.
 var slowOnPureGo = map[string]bool{"medium": true}
 
 // modelSkips says, for each model, why it does not run ("" when it runs). PEFT_BENCH_MODELS, a
 // comma-separated list of model names (case-insensitive), selects models; unset, every model
-// runs except, on the pure-Go backend, those in slowOnPureGo. An unknown name is an error.
+// runs except, on the pure-Go backend without BLAS, those in slowOnPureGo. An unknown name is an
+// error.
 func modelSkips(bk backends.Backend) (map[string]string, error) {
 	skips := map[string]string{}
 	env := strings.TrimSpace(os.Getenv("PEFT_BENCH_MODELS"))
 	if env == "" {
 		_, pureGo := bk.(*simplego.Backend)
+		slowGo := pureGo && goexec.Installed() == nil // matmuls without BLAS
 		for _, m := range llamaModels {
-			if pureGo && slowOnPureGo[m.name] {
-				skips[m.name] = fmt.Sprintf("%s runs on the pure-Go backend only when asked for (45–80 s per train step, "+
-					"16–30 minutes in all at -benchtime 2x): set PEFT_BENCH_MODELS=%s (or %s,%s) and pass -timeout 90m",
+			if slowGo && slowOnPureGo[m.name] {
+				skips[m.name] = fmt.Sprintf("%s runs on the pure-Go backend without BLAS only when asked for (about 20 s per train step, "+
+					"10 minutes in all at -benchtime 2x): set PEFT_BENCH_MODELS=%s (or %s,%s) and pass -timeout 60m",
 					m.name, m.name, stories260k.Name, m.name)
 			}
 		}
@@ -318,14 +330,14 @@ func BenchmarkLlamaTrainStep(b *testing.B) {
 					Inputs: []*tensors.Tensor{ids}, Labels: []*tensors.Tensor{ids}}}, true)
 				_, err = trainer.TrainSteps(ds, 1) // compiles the step
 				require.NoError(b, err)
-				var cpu cpuMeter
-				cpu.start()
+				var meter stepMeter
+				meter.start()
 				for b.Loop() { // the setup above runs once, untimed, whatever -benchtime says
 					if _, err := trainer.TrainSteps(ds, 1); err != nil {
 						b.Fatal(err)
 					}
 				}
-				cpuPerStep := cpu.perOp(b)
+				cpuPerStep, gflops := meter.stop(b)
 				perStep := b.Elapsed() / time.Duration(b.N)
 				losses := trainer.Losses()
 				report := m.Report()
@@ -348,6 +360,8 @@ func BenchmarkLlamaTrainStep(b *testing.B) {
 				b.ReportMetric(loss, "loss")
 				table.set(summaryRow{model: model.name, name: method.name, perOp: perStep, cpuPerOp: cpuPerStep, metrics: []string{
 					fmt.Sprintf("%.0f", tokensPerSec),
+					gflopsCell(gflops),
+					loadAverage(),
 					peft.Thousands(report.Trainable),
 					fmt.Sprintf("%.3f", report.Percent()),
 					peft.Thousands(trainBytes),
@@ -358,7 +372,7 @@ func BenchmarkLlamaTrainStep(b *testing.B) {
 		}
 	})
 	table.print(fmt.Sprintf("Llama train step, batch %d × %d", llamaBatch, llamaSeqLen),
-		"ms/step", "full", []string{"tokens/s", "trainable", "trainable %", "train-state bytes", "held bytes", "last loss"})
+		"ms/step", "full", []string{"tokens/s", "matmul GFLOP/s", "load", "trainable", "trainable %", "train-state bytes", "held bytes", "last loss"})
 }
 
 // inferenceCase is one row of BenchmarkLlamaInference: a method (nil: the base model), merged or
@@ -408,8 +422,8 @@ func BenchmarkLlamaInference(b *testing.B) {
 					require.NoError(b, m.Merge())
 				}
 				got := callFlat(b, m, ids) // compiles the graph that is timed
-				var cpu cpuMeter
-				cpu.start()
+				var meter stepMeter
+				meter.start()
 				for b.Loop() {
 					out, err := m.Call(ids)
 					if err != nil {
@@ -419,21 +433,22 @@ func BenchmarkLlamaInference(b *testing.B) {
 						_ = t.FinalizeAll()
 					}
 				}
-				cpuPerCall := cpu.perOp(b)
+				cpuPerCall, gflops := meter.stop(b)
 				perCall := b.Elapsed() / time.Duration(b.N)
-				b.ReportMetric(float64(llamaBatch*llamaSeqLen)/perCall.Seconds(), "tokens/s")
-				var extra []string
+				tokensPerSec := float64(llamaBatch*llamaSeqLen) / perCall.Seconds()
+				b.ReportMetric(tokensPerSec, "tokens/s")
+				extra := []string{fmt.Sprintf("%.0f", tokensPerSec), gflopsCell(gflops), loadAverage(), ""}
 				if tc.merge {
 					diff := maxAbsDiff(unmerged, got)
 					b.ReportMetric(diff, "merge_max_abs_diff")
-					extra = []string{fmt.Sprintf("%.2g", diff)}
+					extra[3] = fmt.Sprintf("%.2g", diff)
 				}
 				table.set(summaryRow{model: model.name, name: tc.name, perOp: perCall, cpuPerOp: cpuPerCall, metrics: extra})
 			})
 		}
 	})
 	table.print(fmt.Sprintf("Llama inference, batch %d × %d", llamaBatch, llamaSeqLen),
-		"ms/call", "base", []string{"merged vs unmerged max |Δ|"})
+		"ms/call", "base", []string{"tokens/s", "matmul GFLOP/s", "load", "merged vs unmerged max |Δ|"})
 }
 
 // callFlat runs m on ids and returns its logits flattened.
@@ -461,26 +476,59 @@ func maxAbsDiff(a, c []float32) float64 {
 	return d
 }
 
-// cpuMeter measures the CPU time the process spends over a benchmark loop (all threads, user and
-// system), from /proc/self/stat. When other jobs share the cores, CPU time is the steadier of the
-// two, since waiting for a core does not count; where the backend runs one op on several cores it
-// exceeds wall time. Where /proc is missing (not Linux) it reports nothing.
-type cpuMeter struct {
-	t0 time.Duration
-	ok bool
+// stepMeter measures, over a benchmark loop, the CPU time the process spends (all threads, user
+// and system, from /proc/self/stat) and the matrix products' multiply-adds (counted by
+// peft/backend/goexec on the pure-Go backend). When other jobs share the cores, CPU time is the
+// steadier of the two times, since waiting for a core does not count; where the backend runs one
+// op on several cores it exceeds wall time. Where /proc is missing (not Linux) or the backend
+// is not pure Go, the figure it cannot know is reported as missing.
+type stepMeter struct {
+	t0    time.Duration
+	ok    bool
+	macs0 int64
 }
 
-func (c *cpuMeter) start() { c.t0, c.ok = processCPU() }
+func (c *stepMeter) start() {
+	c.t0, c.ok = processCPU()
+	c.macs0 = goexec.Counts().MACs
+}
 
-// perOp reports and returns the CPU time per iteration of the loop that just ended (0 if unknown).
-func (c *cpuMeter) perOp(b *testing.B) time.Duration {
-	t1, ok := processCPU()
-	if !c.ok || !ok || b.N == 0 {
-		return 0
+// stop reports and returns, per iteration of the loop that just ended, the CPU time (0 if
+// unknown) and the matrix products' GFLOP/s over wall time (2 per multiply-add; 0 if unknown).
+func (c *stepMeter) stop(b *testing.B) (cpu time.Duration, gflops float64) {
+	if b.N == 0 {
+		return 0, 0
 	}
-	per := (t1 - c.t0) / time.Duration(b.N)
-	b.ReportMetric(float64(per)/float64(time.Millisecond), "cpu-ms/op")
-	return per
+	if t1, ok := processCPU(); c.ok && ok {
+		cpu = (t1 - c.t0) / time.Duration(b.N)
+		b.ReportMetric(float64(cpu)/float64(time.Millisecond), "cpu-ms/op")
+	}
+	if macs := goexec.Counts().MACs - c.macs0; macs > 0 {
+		gflops = 2 * float64(macs) / b.Elapsed().Seconds() / 1e9
+		b.ReportMetric(gflops, "GFLOP/s")
+	}
+	return cpu, gflops
+}
+
+// loadAverage is the machine's one-minute load average from /proc/loadavg ("-" where unknown):
+// the benchmarks show it beside each figure, since these machines are shared.
+func loadAverage() string {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "-"
+	}
+	if f := strings.Fields(string(data)); len(f) > 0 {
+		return f[0]
+	}
+	return "-"
+}
+
+// gflopsCell formats a GFLOP/s figure for the summary tables.
+func gflopsCell(g float64) string {
+	if g <= 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f", g)
 }
 
 // processCPU returns the process's user + system CPU time from /proc/self/stat (fields 14 and 15,

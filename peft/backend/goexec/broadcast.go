@@ -49,7 +49,9 @@ var (
 //     float32 exponential within one ulp of the correctly rounded value (the stock executors
 //     call float64 math.Exp, about 10 ns a value; softmax and SiLU spend their time there).
 //
-// Other dtypes and layouts stay on the stock executors. Like Install, it is process-wide and
+// Other dtypes and layouts stay on the stock executors. It also puts Install's DotGeneral
+// executor in place, passing products to the stock kernels until Install gives it others, so
+// that Counts sees every product. Like Install, it is process-wide and
 // must run before the first graph executes; installing again turns it back on.
 func InstallRowWise() error {
 	installMu.Lock()
@@ -60,6 +62,9 @@ func InstallRowWise() error {
 	if rowWiseInstalled {
 		rowWiseOn.Store(true)
 		return nil
+	}
+	if err := installDotGeneral(); err != nil { // so that Counts sees every product
+		return err
 	}
 	for _, opType := range []backends.OpType{backends.OpTypeBroadcastInDim, backends.OpTypeTranspose} {
 		if nodeExecutors[opType] == nil {

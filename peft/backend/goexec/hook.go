@@ -108,7 +108,7 @@ var (
 	// paramsType is the dynamic type of simplego's DotGeneral node data, once checked.
 	paramsType atomic.Pointer[reflect.Type]
 
-	hooked, fallbacks, transposed atomic.Int64
+	hooked, fallbacks, transposed, macs atomic.Int64
 )
 
 // Install makes the pure-Go backend run its float32/float64 DotGeneral products through k, for
@@ -128,12 +128,8 @@ func Install(k Kernels) error {
 	if err := prepare(); err != nil {
 		return err
 	}
-	if stock == nil {
-		stock = nodeExecutors[backends.OpTypeDotGeneral]
-		if stock == nil {
-			return errors.New("goexec: simplego has no DotGeneral executor to replace")
-		}
-		nodeExecutors[backends.OpTypeDotGeneral] = execDotGeneral
+	if err := installDotGeneral(); err != nil {
+		return err
 	}
 	kc := k
 	active.Store(&kc)
@@ -144,6 +140,20 @@ func Install(k Kernels) error {
 	return nil
 }
 
+// installDotGeneral puts execDotGeneral in simplego's table, once; without kernels it passes
+// products to the stock executor (and counts them). installMu must be held.
+func installDotGeneral() error {
+	if stock != nil {
+		return nil
+	}
+	stock = nodeExecutors[backends.OpTypeDotGeneral]
+	if stock == nil {
+		return errors.New("goexec: simplego has no DotGeneral executor to replace")
+	}
+	nodeExecutors[backends.OpTypeDotGeneral] = execDotGeneral
+	return nil
+}
+
 // Uninstall returns every product to the stock executor (the table entry stays ours and passes
 // products through).
 func Uninstall() { active.Store(nil) }
@@ -151,14 +161,16 @@ func Uninstall() { active.Store(nil) }
 // Installed returns the kernels in use, or nil.
 func Installed() *Kernels { return active.Load() }
 
-// Stats counts DotGeneral executions since the process started: those run by the kernels, those
-// passed to the stock executor while kernels were installed (other dtypes), and those of the
-// first kind that needed an operand transposed into scratch memory first.
-type Stats struct{ Hooked, Fallbacks, Transposed int64 }
+// Stats counts DotGeneral executions since the process started, once Install or InstallRowWise
+// has put this package's executor in place: those run by the kernels (Hooked), those passed to
+// the stock executor (Fallbacks: no kernels installed, or another dtype), those of the first
+// kind that needed an operand transposed into scratch memory first (Transposed), and the
+// multiply-adds of all of them (MACs: batch·m·n·k each), from which benchmarks report GFLOP/s.
+type Stats struct{ Hooked, Fallbacks, Transposed, MACs int64 }
 
 // Counts returns the Stats so far.
 func Counts() Stats {
-	return Stats{Hooked: hooked.Load(), Fallbacks: fallbacks.Load(), Transposed: transposed.Load()}
+	return Stats{Hooked: hooked.Load(), Fallbacks: fallbacks.Load(), Transposed: transposed.Load(), MACs: macs.Load()}
 }
 
 // EnvDisable, set to "off", keeps GoMLX's stock executors: Install and InstallRowWise refuse.
@@ -303,12 +315,16 @@ func params(node *simplego.Node) *dotGeneralNodeData {
 
 // execDotGeneral replaces simplego's DotGeneral executor.
 func execDotGeneral(backend *simplego.Backend, node *simplego.Node, inputs []*simplego.Buffer, inputsOwned []bool) (*simplego.Buffer, error) {
+	p := params(node)
+	if p != nil {
+		macs.Add(int64(p.batchSize) * int64(p.lhsCrossSize) * int64(p.rhsCrossSize) * int64(p.contractingSize))
+	}
 	k := active.Load()
 	if k == nil {
+		fallbacks.Add(1)
 		return stock(backend, node, inputs, inputsOwned)
 	}
 	shape := nodeShape(node)
-	p := params(node)
 	var run func(out *simplego.Buffer) bool
 	switch {
 	case p == nil:

@@ -227,6 +227,9 @@ func TestHookMatchesStock(t *testing.T) {
 					if after.Hooked != before.Hooked+1 {
 						t.Fatalf("the product did not go through the hook (%+v → %+v)", before, after)
 					}
+					if got, want := after.MACs-before.MACs, c.macs(); got != want {
+						t.Errorf("%d multiply-adds counted, want %d", got, want)
+					}
 					if c.wantTransposed && after.Transposed == before.Transposed {
 						t.Errorf("expected a transposed operand for this layout")
 					}
@@ -249,6 +252,15 @@ func TestHookMatchesStock(t *testing.T) {
 			}
 		}
 	}
+}
+
+// macs is batch·m·n·k: every lhs value meets every rhs cross value of its batch.
+func (c dotCase) macs() int64 {
+	rhsNonCross := 1
+	for _, a := range append(append([]int{}, c.rhsContract...), c.rhsBatch...) {
+		rhsNonCross *= c.rhs[a]
+	}
+	return int64(size(c.lhs)) * int64(size(c.rhs)/rhsNonCross)
 }
 
 func (c dotCase) isRandom() bool { return len(c.name) > 6 && c.name[:6] == "random" }
