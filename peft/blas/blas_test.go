@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"peft/peft/backend/goexec"
 	"strings"
 	"testing"
 )
@@ -42,32 +43,6 @@ func TestNotFoundSaysHowToInstall(t *testing.T) {
 	}
 }
 
-// naiveGemm is the definition: C[i][j] = Σ_p op(A)[i][p]·op(B)[p][j], in float64.
-func naiveGemm(transA, transB bool, m, n, k int, a []float64, lda int, b []float64, ldb int) []float64 {
-	c := make([]float64, m*n)
-	for i := range m {
-		for j := range n {
-			var s float64
-			for p := range k {
-				var av, bv float64
-				if transA {
-					av = a[p*lda+i]
-				} else {
-					av = a[i*lda+p]
-				}
-				if transB {
-					bv = b[j*ldb+p]
-				} else {
-					bv = b[p*ldb+j]
-				}
-				s += av * bv
-			}
-			c[i*n+j] = s
-		}
-	}
-	return c
-}
-
 func TestGemmAgainstDefinition(t *testing.T) {
 	lib, err := Load()
 	if err != nil {
@@ -98,7 +73,8 @@ func TestGemmAgainstDefinition(t *testing.T) {
 					for i := range b64 {
 						b64[i] = rng.Float64()*2 - 1
 					}
-					want := naiveGemm(transA, transB, m, n, k, a64, lda, b64, ldb)
+					want := make([]float64, m*n)
+					goexec.Naive().Float64(transA, transB, m, n, k, a64, lda, b64, ldb, want, n)
 
 					c64 := make([]float64, m*ldc)
 					lib.Dgemm(transA, transB, m, n, k, a64, lda, b64, ldb, c64, ldc)

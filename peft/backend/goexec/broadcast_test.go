@@ -5,6 +5,8 @@ import (
 	"math"
 	"testing"
 
+	"github.com/gomlx/gomlx/backends"
+
 	"github.com/gomlx/gomlx/pkg/core/graph"
 	"github.com/gomlx/gomlx/pkg/core/tensors"
 	"github.com/gomlx/gopjrt/dtypes"
@@ -92,14 +94,8 @@ func TestBroadcastOps(t *testing.T) {
 							}
 							return tensors.MustCopyFlatData[float64](out)
 						}
-						UninstallRowWise()
-						stockVals := exec()
-						if err := InstallRowWise(); err != nil {
-							t.Fatal(err)
-						}
-						before := RowWiseCount()
-						got := exec()
-						if RowWiseCount() != before+1 {
+						stockVals, got, took := stockThenRowWise(t, exec)
+						if took != 1 {
 							t.Fatalf("the op did not take the row-wise path")
 						}
 						tol := 1e-12
@@ -156,22 +152,8 @@ func TestLayoutOps(t *testing.T) {
 		for _, dtype := range []dtypes.DType{dtypes.Float32, dtypes.Float64} {
 			t.Run(fmt.Sprintf("%s/%s", tc.name, dtype), func(t *testing.T) {
 				in := values(size(tc.dims), 4)
-				exec := func() []float64 {
-					if dtype == dtypes.Float32 {
-						out := graph.MustNewExec(backend, tc.fn).MustExec(tensors.FromFlatDataAndDimensions(toFloat32(in), tc.dims...))[0]
-						return toFloat64(tensors.MustCopyFlatData[float32](out))
-					}
-					out := graph.MustNewExec(backend, tc.fn).MustExec(tensors.FromFlatDataAndDimensions(in, tc.dims...))[0]
-					return tensors.MustCopyFlatData[float64](out)
-				}
-				UninstallRowWise()
-				want := exec()
-				if err := InstallRowWise(); err != nil {
-					t.Fatal(err)
-				}
-				before := RowWiseCount()
-				got := exec()
-				if RowWiseCount() == before {
+				want, got, took := stockThenRowWise(t, func() []float64 { return execOne(backend, tc.fn, dtype, in, tc.dims) })
+				if took == 0 {
 					t.Fatal("the op did not take the fast executor")
 				}
 				if len(got) != len(want) {
@@ -185,4 +167,28 @@ func TestLayoutOps(t *testing.T) {
 			})
 		}
 	}
+}
+
+// stockThenRowWise runs exec with the row-wise executors off (the stock results), then on, and
+// returns both results and how many ops took the row-wise paths in the second run.
+func stockThenRowWise[T any](t *testing.T, exec func() []T) (stockVals, got []T, rowWise int64) {
+	t.Helper()
+	UninstallRowWise()
+	stockVals = exec()
+	if err := InstallRowWise(); err != nil {
+		t.Fatal(err)
+	}
+	before := RowWiseCount()
+	got = exec()
+	return stockVals, got, RowWiseCount() - before
+}
+
+// execOne runs a one-input graph on values given in float64, as dtype (float32 or float64).
+func execOne(backend backends.Backend, fn func(x *graph.Node) *graph.Node, dtype dtypes.DType, in []float64, dims []int) []float64 {
+	if dtype == dtypes.Float32 {
+		out := graph.MustNewExec(backend, fn).MustExec(tensors.FromFlatDataAndDimensions(toFloat32(in), dims...))[0]
+		return toFloat64(tensors.MustCopyFlatData[float32](out))
+	}
+	out := graph.MustNewExec(backend, fn).MustExec(tensors.FromFlatDataAndDimensions(in, dims...))[0]
+	return tensors.MustCopyFlatData[float64](out)
 }

@@ -6,7 +6,6 @@ import (
 	"testing"
 
 	"github.com/gomlx/gomlx/pkg/core/graph"
-	"github.com/gomlx/gomlx/pkg/core/tensors"
 	"github.com/gomlx/gopjrt/dtypes"
 )
 
@@ -108,22 +107,8 @@ func TestReduceRowWise(t *testing.T) {
 						}
 						return graph.ReduceSum(x, tc.axes...)
 					}
-					exec := func() []float64 {
-						if dtype == dtypes.Float32 {
-							out := graph.MustNewExec(backend, fn).MustExec(tensors.FromFlatDataAndDimensions(toFloat32(in), tc.dims...))[0]
-							return toFloat64(tensors.MustCopyFlatData[float32](out))
-						}
-						out := graph.MustNewExec(backend, fn).MustExec(tensors.FromFlatDataAndDimensions(in, tc.dims...))[0]
-						return tensors.MustCopyFlatData[float64](out)
-					}
-					UninstallRowWise()
-					stockVals := exec()
-					if err := InstallRowWise(); err != nil {
-						t.Fatal(err)
-					}
-					before := RowWiseCount()
-					got := exec()
-					if took := RowWiseCount() != before; took != tc.rowWise {
+					stockVals, got, n := stockThenRowWise(t, func() []float64 { return execOne(backend, fn, dtype, in, tc.dims) })
+					if took := n != 0; took != tc.rowWise {
 						t.Fatalf("row-wise path taken: %v, want %v", took, tc.rowWise)
 					}
 					tol := 1e-12 // four running sums round differently from one
