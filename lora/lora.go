@@ -5,6 +5,15 @@
 // with W frozen and only A [in, r] and B [r, out] trained. B starts at zero, so a fresh model
 // computes exactly what the base model computes; Merge folds s·A·B into W for zero inference cost.
 //
+// With Config.UseDoRA it is DoRA (Liu et al. 2024, Hugging Face PEFT's use_dora): the adapted
+// weight is split into a direction and a trained magnitude m [out],
+//
+//	W' = m · (W + s·A·B) / ‖W + s·A·B‖,   ‖·‖ the L2 norm of each output column of W [in, out]
+//
+// (of each row of PyTorch's [out, in] weight, as PEFT computes it). The norm is detached from the
+// gradient, as the paper's section 4.3 and PEFT do, and m starts at ‖W‖, so a fresh model computes
+// what the base computes up to float32 rounding.
+//
 // Storage: A and B live beside the layer's weights, in the scope <layer>/lora, in GoMLX's
 // [in, out] layout: A here is the transpose of Hugging Face PEFT's lora_A.weight [r, in] and B the
 // transpose of lora_B.weight [out, r]. The math is the same.
@@ -57,6 +66,9 @@ type Config struct {
 	// ModulesToSave lists modules of the base model trained and saved in full besides the
 	// adapters, such as a new classifier head ("score"). Default none.
 	ModulesToSave []string `json:"modules_to_save,omitempty"`
+	// UseDoRA trains a magnitude per output column besides A and B: DoRA (PEFT's use_dora).
+	// Default false.
+	UseDoRA bool `json:"use_dora,omitempty"`
 	// Seed of A's random initialization. Default 0.
 	Seed uint64 `json:"seed"`
 }
@@ -107,14 +119,17 @@ type LoRA struct {
 	modules []*context.Variable // ModulesToSave's variables
 	layout  *peft.Layout        // the model's, from Init
 	merge   peft.WeightMerge
+	// baseWeights gives a layer's base weights [in, out], where DoRA's magnitudes start from.
+	baseWeights func(ctx *context.Context, layer *peft.LinearLayer) ([]float32, error)
 }
 
 // target is one adapted layer.
 type target struct {
-	layer *peft.LinearLayer
-	rank  int
-	scale float64
-	a, b  *context.Variable
+	layer     *peft.LinearLayer
+	rank      int
+	scale     float64
+	a, b      *context.Variable
+	magnitude *context.Variable // DoRA's m [out]; nil without DoRA
 }
 
 // New returns LoRA with cfg, or an error naming what is wrong with it.
@@ -131,7 +146,24 @@ func (l *LoRA) Name() string { return "lora" }
 // Config implements peft.Method.
 func (l *LoRA) Config() any { return l.cfg }
 
-// Init implements peft.Method: it selects the target layers and creates A and B for each.
+// SetBaseWeights makes Init start DoRA's magnitudes from the weights fn returns ([in, out],
+// row-major) instead of the layer's own float32 weights: for methods that compute the base output
+// from other weights, such as QLoRA's dequantized 4-bit ones. Call it before Init.
+func (l *LoRA) SetBaseWeights(fn func(ctx *context.Context, layer *peft.LinearLayer) ([]float32, error)) {
+	l.baseWeights = fn
+}
+
+// layerWeights returns the base weights of layer, [in, out] row-major.
+func layerWeights(ctx *context.Context, layer *peft.LinearLayer) ([]float32, error) {
+	w := layer.Weights(ctx)
+	if w == nil {
+		return nil, fmt.Errorf("layer %s has no float32 weights", layer.Path)
+	}
+	return peft.Float32s(w)
+}
+
+// Init implements peft.Method: it selects the target layers and creates A and B for each (and
+// DoRA's magnitude, the norms of the base weights' columns).
 func (l *LoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 	selected, err := l.cfg.TargetModules.Select(layout)
 	if err != nil {
@@ -139,6 +171,20 @@ func (l *LoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 	}
 	if l.modules, err = peft.ModulesToSave(layout, l.cfg.ModulesToSave); err != nil {
 		return fmt.Errorf("lora: %w", err)
+	}
+	baseWeights := l.baseWeights
+	if baseWeights == nil {
+		baseWeights = layerWeights
+	}
+	var magnitudes [][]float32
+	if l.cfg.UseDoRA { // read every base weight before creating anything
+		for _, layer := range selected {
+			w, err := baseWeights(ctx, layer)
+			if err != nil {
+				return fmt.Errorf("lora: DoRA's magnitude of %s: %w", layer.Path, err)
+			}
+			magnitudes = append(magnitudes, columnNorms(w, layer.In, layer.Out))
+		}
 	}
 	rng := peft.NewRand(l.cfg.Seed)
 	l.targets = map[string]*target{}
@@ -150,7 +196,7 @@ func (l *LoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 			return fmt.Errorf("lora: %w", err)
 		}
 	}
-	for _, layer := range selected {
+	for i, layer := range selected {
 		rank, _, scale := l.cfg.resolve(layer.Path)
 		if rank > min(layer.In, layer.Out) {
 			oversized = append(oversized, fmt.Sprintf("%s (r=%d, min(in, out)=%d)", layer.Path, rank, min(layer.In, layer.Out)))
@@ -166,6 +212,9 @@ func (l *LoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 			layer: layer, rank: rank, scale: scale,
 			a: peft.NewVariable(scope, "A", aValues, layer.In, rank),
 			b: peft.NewVariable(scope, "B", make([]float32, rank*layer.Out), rank, layer.Out),
+		}
+		if magnitudes != nil {
+			t.magnitude = peft.NewVariable(scope, "magnitude", magnitudes[i], layer.Out)
 		}
 		l.targets[layer.Path] = t
 		l.order = append(l.order, t)
@@ -213,11 +262,15 @@ func (l *LoRA) Rank(path string) int {
 	return 0
 }
 
-// Trainable implements peft.Method: A and B of every target, and the modules to save.
+// Trainable implements peft.Method: A and B of every target (and DoRA's magnitude), and the
+// modules to save.
 func (l *LoRA) Trainable(*context.Context) []peft.TrainableVariable {
-	vars := make([]*context.Variable, 0, 2*len(l.order)+len(l.modules))
+	vars := make([]*context.Variable, 0, 3*len(l.order)+len(l.modules))
 	for _, t := range l.order {
 		vars = append(vars, t.a, t.b)
+		if t.magnitude != nil {
+			vars = append(vars, t.magnitude)
+		}
 	}
 	return peft.TrainAll(append(vars, l.modules...)...)
 }
@@ -227,40 +280,118 @@ func (l *LoRA) State(ctx *context.Context) []*context.Variable {
 	return peft.VariablesOf(l.Trainable(ctx))
 }
 
-// Linear implements peft.LinearHook: base output plus s·(dropout(x)·A)·B on target layers.
+// Linear implements peft.LinearHook: base output plus s·(dropout(x)·A)·B on target layers (with
+// DoRA, the output of m·(W + s·A·B)/‖W + s·A·B‖).
 func (l *LoRA) Linear(ctx *context.Context, layer *peft.LinearLayer, x *graph.Node) *graph.Node {
-	y := layer.Base(ctx, x)
-	if update := l.Update(ctx, layer, x); update != nil {
-		y = graph.Add(y, update)
-	}
-	return y
+	return l.Adapt(ctx, layer, x, layer.Base(ctx, x), nil)
 }
 
-// Update returns the LoRA term s·(dropout(x)·A)·B of layer for input x, or nil when the layer is
-// not adapted or the update is merged into its weights. Methods that compute the base output
-// their own way (QLoRA over a quantized weight) add it to theirs.
-func (l *LoRA) Update(ctx *context.Context, layer *peft.LinearLayer, x *graph.Node) *graph.Node {
+// Adapt returns the output of layer for input x given its base output y = x·W + b: y plus
+// s·(dropout(x)·A)·B, or with DoRA y + (g − 1)·(x·W) + g·s·(x·A)·B with g = m/‖W + s·A·B‖ per
+// output column, as PEFT computes it (under dropout x·W is recomputed from the dropped input). It
+// returns y unchanged when the layer is not adapted or the update is merged into its weights.
+// Methods that compute the base output their own way (QLoRA over a quantized weight) call it with
+// theirs; weights is the W [in, out] that y was computed with, needed by DoRA alone (nil: the
+// layer's own weights).
+func (l *LoRA) Adapt(ctx *context.Context, layer *peft.LinearLayer, x, y, weights *graph.Node) *graph.Node {
 	t := l.targets[layer.Path]
 	if t == nil || l.merge.Merged() {
-		return nil
+		return y
 	}
 	g := x.Graph()
 	in := layers.DropoutStatic(ctx.In("lora"), x, l.cfg.Dropout)
-	update := peft.MatMulLast(peft.MatMulLast(in, t.a.ValueGraph(g)), t.b.ValueGraph(g))
-	return graph.MulScalar(update, t.scale)
+	a, b := t.a.ValueGraph(g), t.b.ValueGraph(g)
+	update := graph.MulScalar(peft.MatMulLast(peft.MatMulLast(in, a), b), t.scale)
+	if t.magnitude == nil {
+		return graph.Add(y, update)
+	}
+	if weights == nil {
+		weights = layer.Weights(ctx).ValueGraph(g)
+	}
+	// g = m / ‖W + s·A·B‖, a constant to the gradient (DoRA's section 4.3, PEFT).
+	direction := graph.Add(weights, graph.MulScalar(graph.Dot(a, b), t.scale))
+	norm := graph.Sqrt(graph.ReduceSum(graph.Square(direction), 0))
+	gain := graph.Div(t.magnitude.ValueGraph(g), graph.StopGradient(norm))
+	gain = graph.ExpandLeftToRank(gain, y.Rank())
+	var base *graph.Node // x·W without the bias
+	if in == x {
+		base = y
+		if bias := layer.Biases(ctx); bias != nil {
+			base = graph.Sub(y, graph.ExpandLeftToRank(bias.ValueGraph(g), y.Rank()))
+		}
+	} else {
+		base = peft.MatMulLast(in, weights)
+	}
+	return graph.Add(y, graph.Add(graph.Mul(graph.AddScalar(gain, -1), base), graph.Mul(gain, update)))
 }
 
-// Merge implements peft.Merger: W ← W + s·A·B for every target, all or nothing. The base
-// weights are kept aside so that Unmerge restores them bit for bit.
+// columnNorms returns the L2 norm of each column of w [in, out], row-major: DoRA's ‖·‖.
+func columnNorms(w []float32, in, out int) []float32 {
+	sums := make([]float64, out)
+	for i := range in {
+		for j, v := range w[i*out : (i+1)*out] {
+			sums[j] += float64(v) * float64(v)
+		}
+	}
+	norms := make([]float32, out)
+	for j, s := range sums {
+		norms[j] = float32(math.Sqrt(s))
+	}
+	return norms
+}
+
+// Merge implements peft.Merger: W ← W + s·A·B for every target (with DoRA,
+// m·(W + s·A·B)/‖W + s·A·B‖), all or nothing. The base weights are kept aside so that Unmerge
+// restores them bit for bit.
 func (l *LoRA) Merge(ctx *context.Context) error {
 	layers := make([]*peft.LinearLayer, len(l.order))
 	for i, t := range l.order {
 		layers[i] = t.layer
 	}
-	if err := l.merge.Merge(ctx, layers, func(i int) ([]float32, error) { return l.delta(l.order[i]) }); err != nil {
+	if err := l.merge.Replace(ctx, layers, func(i int, w []float32) ([]float32, error) { return l.merged(l.order[i], w) }); err != nil {
 		return fmt.Errorf("lora: %w", err)
 	}
 	return nil
+}
+
+// MergedWeights returns what Merge makes of the layer at path when its base weights are w
+// ([in, out], row-major): w + s·A·B, or with DoRA m·(w + s·A·B)/‖w + s·A·B‖ per output column
+// (PEFT's merge, norms in float64). Methods that keep the base weights elsewhere (QLoRA) merge
+// with it.
+func (l *LoRA) MergedWeights(path string, w []float32) ([]float32, error) {
+	t := l.targets[path]
+	if t == nil {
+		return nil, fmt.Errorf("lora: layer %q is not adapted (adapted: %v)", path, l.Targets())
+	}
+	return l.merged(t, w)
+}
+
+func (l *LoRA) merged(t *target, w []float32) ([]float32, error) {
+	in, out := t.layer.In, t.layer.Out
+	if len(w) != in*out {
+		return nil, fmt.Errorf("lora: %s: base weights have %d values, the layer %d×%d", t.layer.Path, len(w), in, out)
+	}
+	d, err := l.delta(t)
+	if err != nil {
+		return nil, err
+	}
+	for k := range d {
+		d[k] += w[k]
+	}
+	if t.magnitude == nil {
+		return d, nil
+	}
+	m, err := peft.Float32s(t.magnitude)
+	if err != nil {
+		return nil, err
+	}
+	norms := columnNorms(d, in, out)
+	for i := range in {
+		for j := range out {
+			d[i*out+j] = float32(float64(m[j]) / float64(norms[j]) * float64(d[i*out+j]))
+		}
+	}
+	return d, nil
 }
 
 // factors returns A [in, r] and B [r, out], row-major.
@@ -293,7 +424,7 @@ func (l *LoRA) Unmerge(ctx *context.Context) error {
 func (l *LoRA) Merged() bool { return l.merge.Merged() }
 
 // Delta returns the update s·A·B ([in, out], row-major) of the layer at path: what Merge adds to
-// its weights.
+// its weights without DoRA (with DoRA, see MergedWeights).
 func (l *LoRA) Delta(path string) ([]float32, error) {
 	t := l.targets[path]
 	if t == nil {

@@ -3,6 +3,7 @@ package lora
 import (
 	"fmt"
 	"math"
+	"slices"
 
 	"github.com/gomlx/gomlx/pkg/core/tensors"
 	"github.com/gomlx/gomlx/pkg/ml/context"
@@ -15,13 +16,14 @@ import (
 //
 //	adapter_config.json: peft_type "LORA", r, lora_alpha, lora_dropout, target_modules, use_rslora,
 //	  rank_pattern, alpha_pattern, modules_to_save, init_lora_weights (true for our InitKaiming,
-//	  "gaussian"), and PEFT's defaults for the fields of PEFT ≥ 0.10 that we do not use (bias
-//	  "none", fan_in_fan_out false, use_dora false, layers_to_transform null, …). Fields PEFT
-//	  added later are left out, so the file loads in every PEFT from 0.10 on (before 0.14 an
-//	  unknown field is an error there).
+//	  "gaussian"), use_dora, and PEFT's defaults for the fields of PEFT ≥ 0.10 that we do not use
+//	  (bias "none", fan_in_fan_out false, layers_to_transform null, …). Fields PEFT added later
+//	  are left out, so the file loads in every PEFT from 0.10 on (before 0.14 an unknown field is
+//	  an error there).
 //	adapter_model.safetensors: base_model.model.<path>.lora_A.weight [r, in] (Aᵀ) and
-//	  .lora_B.weight [out, r] (Bᵀ) per adapted layer; base_model.model.<module>.weight (and .bias)
-//	  for modules_to_save, in PyTorch's layout.
+//	  .lora_B.weight [out, r] (Bᵀ) per adapted layer, with DoRA also .lora_magnitude_vector [out]
+//	  (no ".weight": PEFT's key before and after its DoRA refactor); base_model.model.<module>.weight
+//	  (and .bias) for modules_to_save, in PyTorch's layout.
 
 // PEFTType implements peft.PEFTFormat.
 func (l *LoRA) PEFTType() string { return "LORA" }
@@ -58,7 +60,7 @@ func (l *LoRA) PEFTConfig(*context.Context) (map[string]any, error) {
 		"r": c.Rank, "lora_alpha": PEFTNumber(c.Alpha), "lora_dropout": c.Dropout,
 		"target_modules": c.TargetModules, "use_rslora": c.UseRSLoRA, "rank_pattern": rankPattern,
 		"alpha_pattern": alphaPattern, "modules_to_save": peft.ListOrNull(c.ModulesToSave),
-		"init_lora_weights": init,
+		"init_lora_weights": init, "use_dora": c.UseDoRA,
 	} {
 		fields[key] = value
 	}
@@ -89,8 +91,9 @@ func PEFTNumber(x float64) any {
 
 // ParsePEFTConfig builds the LoRA configuration of a PEFT adapter_config.json (peft_type LORA):
 // what is missing takes PEFT's defaults (target_modules null means q_proj and v_proj, PEFT's
-// choice for Llama-family models). Fields that change what the adapter computes and that we do
-// not implement are errors naming the field: use_dora, fan_in_fan_out, bias other than "none",
+// choice for Llama-family models); use_dora makes it DoRA. Fields that change what the adapter
+// computes and that we do not implement are errors naming the field: fan_in_fan_out, bias other
+// than "none",
 // lora_bias, layers_to_transform, layers_pattern, exclude_modules, trainable_token_indices,
 // layer_replication, use_qalora, target_parameters, alora_invocation_tokens and the other
 // variants' configurations, and init_lora_weights values that rewrite the base weights (PiSSA,
@@ -105,6 +108,7 @@ func ParsePEFTConfig(fields *peft.PEFTFields) (Config, error) {
 		{"r", &c.Rank}, {"lora_alpha", &c.Alpha}, {"lora_dropout", &c.Dropout}, {"use_rslora", &c.UseRSLoRA},
 		{"modules_to_save", &c.ModulesToSave}, {"rank_pattern", &c.RankPattern},
 		{"alpha_pattern", &c.AlphaPattern}, {"target_modules", &c.TargetModules}, {"init_lora_weights", &init},
+		{"use_dora", &c.UseDoRA},
 	} {
 		if err := fields.Get(get.key, get.dst); err != nil {
 			return Config{}, err
@@ -122,7 +126,7 @@ func ParsePEFTConfig(fields *peft.PEFTFields) (Config, error) {
 		return Config{}, fmt.Errorf("lora: %s: field \"init_lora_weights\" = %v is not supported: it rewrites the base weights (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA) or is unknown; convert the adapter to plain LoRA in PEFT first",
 			fields.Source(), init)
 	}
-	if err := RefusePEFTVariants(fields); err != nil {
+	if err := refuseVariants(fields, "use_dora"); err != nil {
 		return Config{}, err
 	}
 	if err := c.Validate(); err != nil {
@@ -132,9 +136,12 @@ func ParsePEFTConfig(fields *peft.PEFTFields) (Config, error) {
 }
 
 // RefusePEFTVariants refuses the fields of PEFT's LoraConfig (which AdaLoraConfig extends) that
-// change what an adapter computes and that this SDK does not implement, naming the first one set,
-// and marks the training-time ones as read.
-func RefusePEFTVariants(fields *peft.PEFTFields) error {
+// change what an adapter computes and that methods other than LoRA itself do not implement
+// (use_dora among them), naming the first one set, and marks the training-time ones as read.
+func RefusePEFTVariants(fields *peft.PEFTFields) error { return refuseVariants(fields) }
+
+// refuseVariants is RefusePEFTVariants without the fields in implemented.
+func refuseVariants(fields *peft.PEFTFields, implemented ...string) error {
 	refused := []struct {
 		key     string
 		allowed []string
@@ -147,6 +154,9 @@ func RefusePEFTVariants(fields *peft.PEFTFields) error {
 		{"monteclora_config", nil},
 	}
 	for _, r := range refused {
+		if slices.Contains(implemented, r.key) {
+			continue
+		}
 		if err := fields.Refuse(r.key, r.allowed...); err != nil {
 			return fmt.Errorf("lora: %w", err)
 		}
@@ -157,8 +167,8 @@ func RefusePEFTVariants(fields *peft.PEFTFields) error {
 }
 
 // CheckPEFTConfig implements peft.PEFTFormat: the file must adapt the same layers with the same
-// rank and scale, and save the same modules (dropout and initialization do not change a trained
-// adapter).
+// rank and scale, with DoRA or without as the model's method, and save the same modules (dropout
+// and initialization do not change a trained adapter).
 func (l *LoRA) CheckPEFTConfig(fields *peft.PEFTFields) error {
 	c, err := ParsePEFTConfig(fields)
 	if err != nil {
@@ -169,6 +179,9 @@ func (l *LoRA) CheckPEFTConfig(fields *peft.PEFTFields) error {
 	}
 	if err := peft.SameModules(l.layout, l.modules, c.ModulesToSave, fields.Source()); err != nil {
 		return fmt.Errorf("lora: %w", err)
+	}
+	if c.UseDoRA != l.cfg.UseDoRA {
+		return fmt.Errorf("lora: %s: use_dora is %v, the model's method has %v", fields.Source(), c.UseDoRA, l.cfg.UseDoRA)
 	}
 	for _, t := range l.order {
 		rank, _, scale := c.resolve(t.layer.Path)
@@ -184,7 +197,7 @@ func (l *LoRA) CheckPEFTConfig(fields *peft.PEFTFields) error {
 
 // PEFTTensors implements peft.PEFTFormat.
 func (l *LoRA) PEFTTensors(*context.Context) ([]safetensors.Tensor, error) {
-	out := make([]safetensors.Tensor, 0, 2*len(l.order))
+	out := make([]safetensors.Tensor, 0, 3*len(l.order))
 	for _, t := range l.order {
 		a, b, err := t.factors()
 		if err != nil {
@@ -195,6 +208,13 @@ func (l *LoRA) PEFTTensors(*context.Context) ([]safetensors.Tensor, error) {
 		out = append(out,
 			safetensors.FromFloat32(key+".lora_A.weight", []int{r, in}, peft.Transpose(a, in, r)),
 			safetensors.FromFloat32(key+".lora_B.weight", []int{o, r}, peft.Transpose(b, r, o)))
+		if t.magnitude != nil {
+			m, err := peft.Float32s(t.magnitude)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, safetensors.FromFloat32(key+".lora_magnitude_vector", []int{o}, m))
+		}
 	}
 	modules, err := peft.HFTensors(peft.PEFTPrefix, l.modules)
 	if err != nil {
@@ -205,7 +225,7 @@ func (l *LoRA) PEFTTensors(*context.Context) ([]safetensors.Tensor, error) {
 
 // PEFTValues implements peft.PEFTFormat.
 func (l *LoRA) PEFTValues(_ *context.Context, _ *peft.PEFTFields, file *peft.PEFTTensorFile) ([]*tensors.Tensor, error) {
-	out := make([]*tensors.Tensor, 0, 2*len(l.order)+len(l.modules))
+	out := make([]*tensors.Tensor, 0, 3*len(l.order)+len(l.modules))
 	for _, t := range l.order {
 		in, r, o := t.layer.In, t.rank, t.layer.Out
 		key := peft.PEFTPrefix + t.layer.Path
@@ -220,6 +240,13 @@ func (l *LoRA) PEFTValues(_ *context.Context, _ *peft.PEFTFields, file *peft.PEF
 		out = append(out,
 			tensors.FromFlatDataAndDimensions(peft.Transpose(a, r, in), in, r),
 			tensors.FromFlatDataAndDimensions(peft.Transpose(b, o, r), r, o))
+		if t.magnitude != nil {
+			m, err := file.Take(key+".lora_magnitude_vector", o)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, tensors.FromFlatDataAndDimensions(m, o))
+		}
 	}
 	modules, err := peft.HFValues(peft.PEFTPrefix, l.modules, file)
 	if err != nil {

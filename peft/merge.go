@@ -20,10 +20,30 @@ type WeightMerge struct {
 // Merge sets W ← W + delta(i) for each layers[i] (delta is [In, Out], row-major). Every merged
 // weight is computed before any changes, so an error leaves the model unmerged.
 func (w *WeightMerge) Merge(ctx *context.Context, layers []*LinearLayer, delta func(i int) ([]float32, error)) error {
+	return w.Replace(ctx, layers, func(i int, weights []float32) ([]float32, error) {
+		d, err := delta(i)
+		if err != nil {
+			return nil, err
+		}
+		if len(d) != len(weights) {
+			return nil, fmt.Errorf("layer %s: update has %d values, the weights %d", layers[i].Path, len(d), len(weights))
+		}
+		for k := range weights {
+			weights[k] += d[k]
+		}
+		return weights, nil
+	})
+}
+
+// Replace sets each layers[i]'s weights to merged(i, W), which gets the current weights W ([In,
+// Out], row-major, its own copy to change) and returns the new ones: for updates that are not
+// additive, such as DoRA's rescaling. Every new weight is computed before any changes, so an
+// error leaves the model unmerged.
+func (w *WeightMerge) Replace(ctx *context.Context, layers []*LinearLayer, merged func(i int, weights []float32) ([]float32, error)) error {
 	if w.Merged() {
 		return errors.New("already merged")
 	}
-	merged := make([][]float32, len(layers))
+	values := make([][]float32, len(layers))
 	originals := make([]*tensors.Tensor, len(layers))
 	for i, layer := range layers {
 		weights := layer.Weights(ctx)
@@ -37,22 +57,19 @@ func (w *WeightMerge) Merge(ctx *context.Context, layers []*LinearLayer, delta f
 		if originals[i], err = value.Clone(); err != nil {
 			return err
 		}
-		if merged[i], err = Float32s(weights); err != nil {
-			return err
-		}
-		d, err := delta(i)
+		current, err := Float32s(weights)
 		if err != nil {
 			return err
 		}
-		if len(d) != len(merged[i]) {
-			return fmt.Errorf("layer %s: update has %d values, the weights %d", layer.Path, len(d), len(merged[i]))
+		if values[i], err = merged(i, current); err != nil {
+			return err
 		}
-		for k := range merged[i] {
-			merged[i][k] += d[k]
+		if len(values[i]) != len(current) {
+			return fmt.Errorf("layer %s: merged weights have %d values, the layer %d", layer.Path, len(values[i]), len(current))
 		}
 	}
 	for i, layer := range layers {
-		if err := SetFloat32s(layer.Weights(ctx), merged[i]); err != nil {
+		if err := SetFloat32s(layer.Weights(ctx), values[i]); err != nil {
 			for k := range i { // put back what was already changed
 				_ = layers[k].Weights(ctx).SetValue(originals[k])
 			}

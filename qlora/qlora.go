@@ -257,7 +257,14 @@ func (l *QLoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 		l.quantOrder = append(l.quantOrder, ql)
 	}
 
-	// LoRA, exactly as package lora makes it (same seeds, same order).
+	// LoRA, exactly as package lora makes it (same seeds, same order); DoRA's magnitudes start
+	// from the weights the model computes with, dequantized where quantized.
+	l.lora.SetBaseWeights(func(ctx *context.Context, layer *peft.LinearLayer) ([]float32, error) {
+		if ql := l.quant[layer.Path]; ql != nil {
+			return peft.Transpose(ql.q.Dequantize(), layer.Out, layer.In), nil
+		}
+		return peft.Float32s(layer.Weights(ctx))
+	})
 	if err := l.lora.Init(ctx, layout); err != nil {
 		return err // peft.NewModel names the method
 	}
@@ -408,9 +415,10 @@ func (l *QLoRA) State(ctx *context.Context) []*context.Variable {
 
 // Linear implements peft.LinearHook: the quantized base output x·dequant(Q) + b on quantized
 // layers (layer.Base elsewhere, and on every layer while merged into float32 copies), plus
-// s·(dropout(x)·A)·B on LoRA targets while not merged.
+// s·(dropout(x)·A)·B on LoRA targets while not merged (with DoRA, lora.LoRA.Adapt's rescaling
+// over the dequantized weights: QDoRA).
 func (l *QLoRA) Linear(ctx *context.Context, layer *peft.LinearLayer, x *graph.Node) *graph.Node {
-	var y *graph.Node
+	var y, w *graph.Node
 	if ql := l.quant[layer.Path]; ql != nil && l.merged != MergeDequantized {
 		// peft.Linear re-created an empty "weights" placeholder before calling us: remove it
 		// before the executor would initialize it.
@@ -419,17 +427,15 @@ func (l *QLoRA) Linear(ctx *context.Context, layer *peft.LinearLayer, x *graph.N
 				panic(err)
 			}
 		}
-		y = l.quantizedLinear(ctx, ql, x)
+		w = ql.dequantized(x.Graph())
+		y = l.quantizedLinear(ctx, ql, x, w)
 	} else {
 		y = layer.Base(ctx, x)
 	}
 	if l.merged != "" {
 		return y
 	}
-	if update := l.lora.Update(ctx, layer, x); update != nil {
-		y = graph.Add(y, update)
-	}
-	return y
+	return l.lora.Adapt(ctx, layer, x, y, w)
 }
 
 // dequantized returns the layer's weights [in, out] dequantized in the graph, in float32.
@@ -443,9 +449,8 @@ func (ql *quantLayer) dequantized(g *graph.Graph) *graph.Node {
 	return graph.Transpose(graph.Reshape(flat, ql.layer.Out, ql.layer.In), 0, 1)
 }
 
-// quantizedLinear computes x·dequant(Q) + b in the compute dtype.
-func (l *QLoRA) quantizedLinear(ctx *context.Context, ql *quantLayer, x *graph.Node) *graph.Node {
-	w := ql.dequantized(x.Graph())
+// quantizedLinear computes x·w + b in the compute dtype, w = dequant(Q) [in, out].
+func (l *QLoRA) quantizedLinear(ctx *context.Context, ql *quantLayer, x, w *graph.Node) *graph.Node {
 	if l.cfg.ComputeDType != BFloat16 {
 		return ql.layer.Apply(ctx, x, w)
 	}
@@ -485,22 +490,19 @@ func (l *QLoRA) Merge(ctx *context.Context) error {
 	if l.merged != "" {
 		return fmt.Errorf("qlora: already merged (%s)", l.merged)
 	}
-	deltas := map[string][]float32{}
+	adapted := map[string]bool{}
 	for _, path := range l.lora.Targets() {
-		d, err := l.lora.Delta(path)
-		if err != nil {
-			return err
-		}
-		deltas[path] = d
+		adapted[path] = true
 	}
-	// Quantized layers: dequant(Q) + s·A·B, as a float32 copy or quantized again.
+	// Quantized layers: dequant(Q) + s·A·B (DoRA: rescaled), as a float32 copy or quantized again.
 	merged := make([][]float32, len(l.quantOrder))
 	requantized := make([]*bnb.Quantized, len(l.quantOrder))
 	for i, ql := range l.quantOrder {
 		w := peft.Transpose(ql.q.Dequantize(), ql.layer.Out, ql.layer.In) // [in, out]
-		if d := deltas[ql.layer.Path]; d != nil {
-			for k := range w {
-				w[k] += d[k]
+		if adapted[ql.layer.Path] {
+			var err error
+			if w, err = l.lora.MergedWeights(ql.layer.Path, w); err != nil {
+				return err
 			}
 		}
 		merged[i] = w
@@ -513,14 +515,17 @@ func (l *QLoRA) Merge(ctx *context.Context) error {
 		}
 	}
 
-	// Non-quantized LoRA targets: W + s·A·B, all or nothing, W kept to unmerge exactly.
+	// Non-quantized LoRA targets: W + s·A·B (DoRA: rescaled), all or nothing, W kept to unmerge
+	// exactly.
 	var plainLayers []*peft.LinearLayer
 	for _, path := range l.lora.Targets() {
 		if l.quant[path] == nil {
 			plainLayers = append(plainLayers, l.layout.Linear(path))
 		}
 	}
-	if err := l.plain.Merge(ctx, plainLayers, func(i int) ([]float32, error) { return deltas[plainLayers[i].Path], nil }); err != nil {
+	if err := l.plain.Replace(ctx, plainLayers, func(i int, w []float32) ([]float32, error) {
+		return l.lora.MergedWeights(plainLayers[i].Path, w)
+	}); err != nil {
 		return fmt.Errorf("qlora: %w", err)
 	}
 	for i, ql := range l.quantOrder {

@@ -15,7 +15,8 @@ them as PEFT v0.20 does:
             Linear but lm_head), a list matches a path or its ".name" suffix; rank_pattern and
             alpha_pattern keys match by re.match(rf"(.*\\.)?({key})$") in the file's order (and
             for our files, PEFT's rule up to 0.14 must give the same ranks and alphas);
-            W += (lora_alpha / r, or / sqrt(r) with use_rslora) · lora_B.weight @ lora_A.weight.
+            W += (lora_alpha / r, or / sqrt(r) with use_rslora) · lora_B.weight @ lora_A.weight;
+            with use_dora then W = lora_magnitude_vector · W / ‖W‖ (norm of each row of [out, in]).
   ADALORA   the rank pattern's kept rows are what the file holds;
             W += lora_alpha / (init_r + 1e-5) · lora_B @ (lora_A * lora_E).
   PROMPT_TUNING  prompt_embeddings are prepended to the token embeddings; the logits of the real
@@ -106,6 +107,11 @@ def apply_adapter(model, config, tensors, check_old_rule=False):
                     if a.shape[0] != r or b.shape[1] != r:
                         raise ValueError(f"{key}: rank {a.shape[0]}/{b.shape[1]} in the file, {r} by the config")
                     delta = scale * b @ a
+                    if config.get("use_dora"):
+                        magnitude = take(key + ".lora_magnitude_vector")
+                        adapted = module.weight + delta
+                        norm = torch.linalg.norm(adapted, dim=1, keepdim=True)
+                        delta = magnitude.unsqueeze(1) * adapted / norm - module.weight
                 else:
                     a, e, b = take(key + ".lora_A"), take(key + ".lora_E"), take(key + ".lora_B")
                     delta = config.get("lora_alpha", 8) / (config["init_r"] + 1e-5) * b @ (a * e)
@@ -152,7 +158,7 @@ def rounded(t, dtype):
 def write_py(peer, out, prompt_ids):
     """Writes adapters laid out by hand to PEFT's semantics into OUT/py with their logits, for
     scripts/crosscheck -check: LoRA in F16 with an overlapping rank_pattern whose file order decides,
-    rsLoRA on all linear layers in BF16, AdaLoRA with a rank pattern, prompt tuning."""
+    rsLoRA on all linear layers in BF16, DoRA, AdaLoRA with a rank pattern, prompt tuning."""
     torch.manual_seed(0)
     base = peer.LlamaForCausalLM.from_pretrained(os.path.join(out, "base"))
     linears = {p: m for p, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -163,6 +169,8 @@ def write_py(peer, out, prompt_ids):
                                    "rank_pattern": {"layers\\.1\\..*": 2, "v_proj": 6}, "alpha_pattern": {"down_proj": 3}}, "F16"),
         "ref_rslora_all_linear_bf16": ({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 16,
                                         "use_rslora": True, "target_modules": "all-linear"}, "BF16"),
+        "ref_dora": ({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "use_dora": True,
+                      "target_modules": ["k_proj", "o_proj", "up_proj"]}, "F32"),
         "ref_adalora": ({"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "init_r": 4, "target_r": 2, "lora_alpha": 6,
                          "total_step": 10, "target_modules": ["q_proj", "v_proj"],
                          "rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True, False]}}, "F32"),
@@ -183,6 +191,9 @@ def write_py(peer, out, prompt_ids):
                 r = pattern_value(config.get("rank_pattern"), path, config["r"])
                 tensors[key + ".lora_A.weight"] = rounded(0.1 * torch.randn(r, in_dim), dtype)
                 tensors[key + ".lora_B.weight"] = rounded(0.1 * torch.randn(out_dim, r), dtype)
+                if config.get("use_dora"):
+                    norms = torch.linalg.norm(module.weight.detach(), dim=1)
+                    tensors[key + ".lora_magnitude_vector"] = rounded(norms * (1 + 0.1 * torch.randn(out_dim)), dtype)
             else:
                 kept = sum(config["rank_pattern"].get(path + ".lora_E", [True] * config["init_r"]))
                 tensors[key + ".lora_A"] = 0.3 * torch.randn(kept, in_dim)

@@ -90,6 +90,7 @@ type options struct {
 	ValidShare                float64
 	Rank                      int
 	Alpha, Dropout            float64
+	DoRA                      bool
 	Targets                   string
 	VirtualTokens             int
 	Forgetting                string
@@ -140,6 +141,7 @@ func main() {
 	flag.IntVar(&o.Rank, "rank", 8, "LoRA/QLoRA rank; AdaLoRA's target rank (it starts at 1.5×)")
 	flag.Float64Var(&o.Alpha, "alpha", 0, "LoRA alpha (default: the rank)")
 	flag.Float64Var(&o.Dropout, "dropout", 0, "LoRA dropout")
+	flag.BoolVar(&o.DoRA, "dora", false, "with lora or qlora: DoRA (a trained magnitude per output column, Hugging Face PEFT's use_dora)")
 	flag.StringVar(&o.Targets, "targets", "", "comma-separated layer names to adapt, or all-linear (default: q_proj,v_proj)")
 	flag.IntVar(&o.VirtualTokens, "virtual-tokens", 20, "prompt tuning's virtual tokens")
 	flag.StringVar(&o.Forgetting, "forgetting", "", "JSONL of general text whose loss is reported before and after (what the fine-tune cost)")
@@ -573,6 +575,10 @@ func (o *options) newMethod() (peft.Method, []byte, error) {
 	}
 	loraCfg := lora.DefaultConfig()
 	loraCfg.Rank, loraCfg.Alpha, loraCfg.Dropout, loraCfg.TargetModules, loraCfg.Seed = o.Rank, alpha, o.Dropout, targets, uint64(o.Seed)
+	loraCfg.UseDoRA = o.DoRA
+	if o.DoRA && o.Method != "lora" && o.Method != "qlora" {
+		return nil, nil, fmt.Errorf("-dora applies to -method lora or qlora, not %q", o.Method)
+	}
 	var config any
 	var method peft.Method
 	var err error

@@ -73,10 +73,17 @@ func TestTrainWritesTheRun(t *testing.T) {
 	require.Contains(t, log.String(), "step 8/8")
 
 	// Every method trains on the same data.
-	for _, method := range []string{"qlora", "adalora", "adapter", "prompt-tuning", "full"} {
-		t.Run(method, func(t *testing.T) {
+	for _, tc := range []struct {
+		method string
+		dora   bool
+	}{{"qlora", false}, {"lora", true}, {"adalora", false}, {"adapter", false}, {"prompt-tuning", false}, {"full", false}} {
+		name, method := tc.method, tc.method
+		if tc.dora {
+			name += " -dora"
+		}
+		t.Run(name, func(t *testing.T) {
 			o := baseOptions(filepath.Join(t.TempDir(), method))
-			o.Method, o.Steps, o.EvalEvery = method, 2, 2
+			o.Method, o.DoRA, o.Steps, o.EvalEvery = method, tc.dora, 2, 2
 			o.LR = map[string]float64{"full": 1e-3, "prompt-tuning": 3e-2}[method]
 			if o.LR == 0 {
 				o.LR = 1e-2
@@ -216,6 +223,7 @@ func TestErrors(t *testing.T) {
 	}{
 		{"no data", func(o *options) { o.Data = "" }, "-data is required"},
 		{"unknown method", func(o *options) { o.Method = "dora" }, `-method "dora": want lora, qlora`},
+		{"DoRA on adapters", func(o *options) { o.Method, o.DoRA = "adapter", true }, `-dora applies to -method lora or qlora, not "adapter"`},
 		{"bad line", func(o *options) { o.Data = bad }, `bad.jsonl:2: a prompt/completion record without "completion"`},
 		{"chat data, no template", func(o *options) { o.Data = chatData }, "holds chat records, and -model stories260K: chat: tokenizer_config.json: field chat_template: the model has no chat template"},
 		{"misspelt target", func(o *options) { o.Targets = "q_proj, v_porj" }, `-targets: the model has no linear layer named "v_porj" (it has down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)`},

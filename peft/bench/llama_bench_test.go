@@ -122,6 +122,12 @@ func loraAllLinear() (peft.Method, error) {
 	return lora.New(cfg)
 }
 
+func doraQV() (peft.Method, error) { // LoRA's settings with DoRA's magnitudes
+	cfg := lora.DefaultConfig()
+	cfg.UseDoRA = true
+	return lora.New(cfg)
+}
+
 func pfeiffer() (peft.Method, error) { return adapter.New(adapter.Pfeiffer()) } // reduction 16, relu
 
 func promptTuning() (peft.Method, error) {
@@ -134,6 +140,7 @@ var llamaMethods = []llamaMethod{
 	{"full", func() (peft.Method, error) { return full.New(full.DefaultConfig()) }},
 	{"lora", loraQV},
 	{"lora-all-linear", loraAllLinear},
+	{"dora", doraQV},
 	{"adapter-pfeiffer", pfeiffer},
 	{"prompt-tuning", promptTuning},
 }
@@ -389,6 +396,7 @@ var llamaInferenceCases = []inferenceCase{
 	{name: "lora-merged", method: loraQV, merge: true},
 	{name: "lora-all-linear-unmerged", method: loraAllLinear},
 	{name: "lora-all-linear-merged", method: loraAllLinear, merge: true},
+	{name: "dora-unmerged", method: doraQV},
 	{name: "adapter-pfeiffer", method: pfeiffer},
 	{name: "prompt-tuning", method: promptTuning},
 }

@@ -48,6 +48,11 @@ func Candidates() []Candidate {
 			cfg.ModulesToSave = head
 			return lora.New(cfg)
 		}},
+		{Name: "dora", LearningRate: 1e-2, New: func(int) (peft.Method, error) {
+			cfg := lora.DefaultConfig()
+			cfg.UseDoRA, cfg.ModulesToSave = true, head
+			return lora.New(cfg)
+		}},
 		{Name: "adalora", LearningRate: 3e-2, New: func(steps int) (peft.Method, error) {
 			return newAdaLoRA(steps, peft.TargetNames("q_proj", "v_proj"), head)
 		}},

@@ -37,6 +37,11 @@ func LMCandidates() []Candidate {
 			cfg.TargetModules = peft.TargetPattern(peft.AllLinear)
 			return lora.New(cfg)
 		}},
+		{Name: "dora", LearningRate: 3e-2, New: func(int) (peft.Method, error) {
+			cfg := lora.DefaultConfig()
+			cfg.UseDoRA = true
+			return lora.New(cfg)
+		}},
 		{Name: "adalora", LearningRate: 3e-2, New: func(steps int) (peft.Method, error) {
 			return newAdaLoRA(steps, peft.TargetPattern(peft.AllLinear), nil)
 		}},

@@ -436,9 +436,9 @@ func TestBadPEFTFolders(t *testing.T) {
 		{"wrong shape", func(f *peftFolder) {
 			f.tensors[2], _ = tensor(t, f.tensors[2].Name, safetensors.F32, []int{2, 16}, make([]float32, 32))
 		}, nil, "lora_A.weight has shape [2 16]"},
-		{"unknown peft_type", func(f *peftFolder) { f.config["peft_type"] = "IA3" }, nil, `peft_type "IA3" is not supported`},
+		{"unknown peft_type", func(f *peftFolder) { f.config["peft_type"] = "BOFT" }, nil, `peft_type "BOFT" is not supported`},
 		{"no peft_type", func(f *peftFolder) { delete(f.config, "peft_type") }, nil, "peft_type is required"},
-		{"DoRA", func(f *peftFolder) { f.config["use_dora"] = true }, nil, `field "use_dora" = true`},
+		{"DoRA without its magnitudes", func(f *peftFolder) { f.config["use_dora"] = true }, nil, "q_proj.lora_magnitude_vector is missing"},
 		{"layers_to_transform", func(f *peftFolder) { f.config["layers_to_transform"] = []int{0} }, nil, `"layers_to_transform"`},
 		{"lora_bias", func(f *peftFolder) { f.config["lora_bias"] = true }, nil, `"lora_bias"`},
 		{"trainable tokens", func(f *peftFolder) { f.config["trainable_token_indices"] = []int{1, 2} }, nil, `"trainable_token_indices"`},

@@ -86,6 +86,12 @@ var cases = map[string]func() (peft.Method, error){
 		cfg.AlphaPattern = peft.Patterns[float64]{{Key: "o_proj", Value: 4}}
 		return lora.New(cfg)
 	},
+	"dora": func() (peft.Method, error) {
+		cfg := lora.DefaultConfig()
+		cfg.Rank, cfg.Alpha, cfg.UseDoRA = 4, 8, true
+		cfg.TargetModules = peft.TargetNames("q_proj", "v_proj", "down_proj")
+		return lora.New(cfg)
+	},
 	"adalora": func() (peft.Method, error) {
 		cfg := adalora.DefaultConfig()
 		cfg.InitRank, cfg.TargetRank, cfg.TotalSteps, cfg.TFinal = 4, 2, 6, 2
