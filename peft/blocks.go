@@ -136,6 +136,12 @@ type Inputs struct {
 	// MaxLength is the longest sequence the model accepts (0: no limit). Methods that add
 	// positions must stay within it.
 	MaxLength int
+	// Past is the number of key/value positions every attention layer holds before the first
+	// input position, which an AttentionHook method (prefix tuning) adds in AttentionKeysValues
+	// and sets here. The model lets every query attend to them, besides its causal and padding
+	// mask, and counts them in its attention positions (a query at input position i is at
+	// position Past+i). 0 for the model's own inputs.
+	Past int
 }
 
 // EmbedInputs hands the embedded input sequence to the active method (prompt tuning prepends its
@@ -155,6 +161,38 @@ func EmbedInputs(ctx *context.Context, in *Inputs) *Inputs {
 		return hook.Inputs(ctx, in)
 	}
 	return in
+}
+
+// AttentionKeysValues hands an attention layer's keys and values ([batch, seq, kvHeads, headDim],
+// after the rotary embedding) to the active method and returns those the layer attends over:
+// unchanged, or with an AttentionHook method's Inputs.Past positions before them (prefix tuning).
+// Call it with ctx scoped to the attention sub-block (ctx.In("self_attn")).
+func AttentionKeysValues(ctx *context.Context, keys, values *graph.Node) (*graph.Node, *graph.Node) {
+	a := activeFor(ctx, keys.Graph())
+	if a == nil {
+		return keys, values
+	}
+	if keys.Rank() != 4 || !keys.Shape().Equal(values.Shape()) {
+		panic(fmt.Sprintf("peft.AttentionKeysValues %q: keys and values must both be [batch, seq, kvHeads, headDim], got %s and %s",
+			ctx.Scope(), keys.Shape(), values.Shape()))
+	}
+	site := &AttentionSite{
+		Path:    ScopeToPath(ctx.Scope()),
+		Scope:   ctx.Scope(),
+		Layer:   LayerIndex(ctx.Scope()),
+		KVHeads: keys.Shape().Dim(2),
+		HeadDim: keys.Shape().Dim(3),
+	}
+	if a.trace != nil {
+		a.trace.Attentions = append(a.trace.Attentions, site)
+		if site.Layer >= a.trace.NumLayers {
+			a.trace.NumLayers = site.Layer + 1
+		}
+	}
+	if hook, ok := a.method.(AttentionHook); ok {
+		return hook.KeysValues(ctx, site, keys, values)
+	}
+	return keys, values
 }
 
 // TrimOutputs hands the final hidden states ([batch, seq', dim]) to the active method, which

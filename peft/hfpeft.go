@@ -131,6 +131,19 @@ func ParsePEFTFields(data []byte, source string) (*PEFTFields, error) {
 	return f, nil
 }
 
+// ReadPromptLearningFields reads the fields every prompt-learning adapter_config.json (prompt and
+// prefix tuning) shares and that change what it computes: modules_to_save, and
+// num_transformer_submodules, which must be 1 (decoder-only models; 2 is an encoder-decoder's).
+func ReadPromptLearningFields(fields *PEFTFields) (modulesToSave []string, err error) {
+	if err := fields.Get("modules_to_save", &modulesToSave); err != nil {
+		return nil, err
+	}
+	if err := fields.Refuse("num_transformer_submodules", "1"); err != nil {
+		return nil, err
+	}
+	return modulesToSave, nil
+}
+
 // ReadPEFTFields reads dir's adapter_config.json.
 func ReadPEFTFields(dir string) (*PEFTFields, error) {
 	path := filepath.Join(dir, AdapterConfigFile)

@@ -109,6 +109,20 @@ type SubBlockSite struct {
 	Dim int
 }
 
+// AttentionSite describes the keys and values of one attention layer, where prefix tuning
+// attaches (AttentionKeysValues records it).
+type AttentionSite struct {
+	// Path is the attention sub-block's name with dots, e.g. "model.layers.0.self_attn".
+	Path string
+	// Scope is its GoMLX scope.
+	Scope string
+	// Layer is the index of the transformer block.
+	Layer int
+	// KVHeads and HeadDim are the number of key/value heads (fewer than the query heads under
+	// grouped-query attention) and the width of one head.
+	KVHeads, HeadDim int
+}
+
 // EmbeddingSite describes a token-embedding table.
 type EmbeddingSite struct {
 	// Path is the table's name with dots, e.g. "model.embed_tokens".
@@ -133,6 +147,8 @@ type Layout struct {
 	SubBlocks []*SubBlockSite
 	// Embeddings lists the token-embedding tables.
 	Embeddings []*EmbeddingSite
+	// Attentions lists the attention layers' keys and values (AttentionKeysValues) in order.
+	Attentions []*AttentionSite
 	// HasInputs is true if the model calls EmbedInputs (needed by prompt tuning).
 	HasInputs bool
 	// InputDim is the width of the input embeddings passed to EmbedInputs.

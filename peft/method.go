@@ -15,8 +15,9 @@ import (
 // Method itself is small: what every method must say. What a method changes in the graph it says by
 // also implementing the optional hook interfaces: LinearHook (per-linear-layer updates such as LoRA
 // or a quantized base weight), SubBlockHook (modules after or beside attention and feed-forward),
-// InputsHook (virtual tokens and masks), LossHook (extra loss terms), GradientHook and StepHook
-// (work after each optimizer step) and Merger (folding the update into the base weights).
+// InputsHook (virtual tokens and masks), AttentionHook (key/value positions of the method's own in
+// every attention layer), LossHook (extra loss terms), GradientHook and StepHook (work after each
+// optimizer step) and Merger (folding the update into the base weights).
 type Method interface {
 	// Name identifies the method ("lora", "adapter", …). It is written with saved state and
 	// checked on load.
@@ -73,6 +74,17 @@ type InputsHook interface {
 	// Outputs undoes on the final hidden states what Inputs added, so the heads see one position
 	// per real token.
 	Outputs(ctx *context.Context, hidden *graph.Node) *graph.Node
+}
+
+// AttentionHook is implemented by methods that give every attention layer key/value positions of
+// their own before the sequence (prefix tuning). Such a method also implements InputsHook, where
+// it sets Inputs.Past to the number of those positions and numbers the tokens after them, so that
+// the model's mask lets every query see them.
+type AttentionHook interface {
+	// KeysValues returns the keys and values the attention at site attends over, given the
+	// layer's own ([batch, seq, kvHeads, headDim], rotary embedding applied): the method's Past
+	// positions first, then the given ones ([batch, Past+seq, kvHeads, headDim]).
+	KeysValues(ctx *context.Context, site *AttentionSite, keys, values *graph.Node) (*graph.Node, *graph.Node)
 }
 
 // LossHook is implemented by methods that add a term to the training loss (L2 toward the

@@ -77,10 +77,8 @@ func ParsePEFTConfig(fields *peft.PEFTFields) (Config, error) {
 	default:
 		return Config{}, fmt.Errorf("prompt_tuning: %s: field \"prompt_tuning_init\" = %q is not one of RANDOM, SAMPLE_VOCAB, TEXT", fields.Source(), init)
 	}
-	if err := fields.Get("modules_to_save", &c.ModulesToSave); err != nil {
-		return Config{}, err
-	}
-	if err := fields.Refuse("num_transformer_submodules", "1"); err != nil {
+	var err error
+	if c.ModulesToSave, err = peft.ReadPromptLearningFields(fields); err != nil {
 		return Config{}, fmt.Errorf("prompt_tuning: %w", err)
 	}
 	// token_dim is checked against the model with the tensors; the rest is initialization or

@@ -36,18 +36,6 @@ func newPT(t testing.TB, mutate func(*prompttuning.Config)) *prompttuning.Prompt
 	return p
 }
 
-// call runs m on ids (and mask, if not nil), both [batch][seq], returning the first output.
-func call(t testing.TB, m *peft.Model, ids, mask [][]int32) *tensors.Tensor {
-	t.Helper()
-	inputs := []*tensors.Tensor{tensors.FromValue(ids)}
-	if mask != nil {
-		inputs = append(inputs, tensors.FromValue(mask))
-	}
-	out, err := m.Call(inputs...)
-	require.NoError(t, err)
-	return out[0]
-}
-
 // The trainable parameters are exactly k·d, plus the score head's d·2 = 64 when it is saved.
 func TestTrainableCount(t *testing.T) {
 	// The tiny classifier's own parameters: embeddings 64·32; per layer q 32·32, k and v 32·16,
@@ -99,8 +87,8 @@ func TestOutputShapesAndEffect(t *testing.T) {
 	})
 	t.Run("causal lm", func(t *testing.T) {
 		ids := [][]int32{{1, 2, 3, 4, 5, 6}, {7, 8, 9, 10, 11, 12}}
-		base := call(t, pefttest.NewLlama(t, pefttest.Config(), 0, nil, 2, 6), ids, nil)
-		with := call(t, pefttest.NewLlama(t, pefttest.Config(), 0, newPT(t, func(c *prompttuning.Config) { c.ModulesToSave = nil }), 2, 6), ids, nil)
+		base := pefttest.Call(t, pefttest.NewLlama(t, pefttest.Config(), 0, nil, 2, 6), ids, nil)
+		with := pefttest.Call(t, pefttest.NewLlama(t, pefttest.Config(), 0, newPT(t, func(c *prompttuning.Config) { c.ModulesToSave = nil }), 2, 6), ids, nil)
 		require.Equal(t, []int{2, 6, vocab}, with.Shape().Dimensions)
 		require.Equal(t, base.Shape(), with.Shape())
 		require.NotEqual(t, base.Value(), with.Value())
@@ -164,11 +152,11 @@ func TestPrefixTextIdentity(t *testing.T) {
 				for _, mask := range [][][]int32{nil, leftPadded} {
 					var want [][][]float32
 					if mask == nil {
-						want = call(t, base, full, nil).Value().([][][]float32)
+						want = pefttest.Call(t, base, full, nil).Value().([][][]float32)
 					} else {
-						want = call(t, base, full, withMask(mask)).Value().([][][]float32)
+						want = pefttest.Call(t, base, full, withMask(mask)).Value().([][][]float32)
 					}
-					got := call(t, prompted, rest, mask).Value().([][][]float32)
+					got := pefttest.Call(t, prompted, rest, mask).Value().([][][]float32)
 					require.Len(t, got[0], s)
 					for b := range got {
 						for j := range s {
@@ -181,8 +169,8 @@ func TestPrefixTextIdentity(t *testing.T) {
 				base := pefttest.NewLlama(t, pefttest.Config(), 2, nil, len(rest), tc.k+s)
 				prompted := pefttest.NewLlama(t, pefttest.Config(), 2, method(2), len(rest), s)
 				rightPadded := [][]int32{{1, 1, 1, 1, 1}, {1, 1, 1, 0, 0}, {1, 0, 0, 0, 0}}
-				want := call(t, base, full, withMask(rightPadded)).Value().([][]float32)
-				got := call(t, prompted, rest, rightPadded).Value().([][]float32)
+				want := pefttest.Call(t, base, full, withMask(rightPadded)).Value().([][]float32)
+				got := pefttest.Call(t, prompted, rest, rightPadded).Value().([][]float32)
 				for b := range got {
 					require.InDeltaSlice(t, want[b], got[b], 1e-5, "row %d", b)
 				}
@@ -198,13 +186,13 @@ func TestClassifierIgnoresRightPadding(t *testing.T) {
 	padded := [][]int32{{11, 22, 33, 44, 0, 0, 0}, {12, 13, 14, 15, 5, 6, 7}}
 	mask := [][]int32{{1, 1, 1, 1, 0, 0, 0}, {1, 1, 1, 1, 0, 0, 0}}
 	m := pefttest.NewLlama(t, pefttest.Config(), 2, newPT(t, func(c *prompttuning.Config) { c.NumVirtualTokens = 6 }), 2, 4)
-	want := call(t, m, ids, nil).Value().([][]float32)
-	got := call(t, m, padded, mask).Value().([][]float32)
+	want := pefttest.Call(t, m, ids, nil).Value().([][]float32)
+	got := pefttest.Call(t, m, padded, mask).Value().([][]float32)
 	for b := range want {
 		require.InDeltaSlice(t, want[b], got[b], 1e-5)
 	}
 	// Unmasked, the padding is read as tokens and the output changes: the check above can fail.
-	unmasked := call(t, m, padded, nil).Value().([][]float32)
+	unmasked := pefttest.Call(t, m, padded, nil).Value().([][]float32)
 	diff := math.Max(math.Abs(float64(unmasked[1][0]-want[1][0])), math.Abs(float64(unmasked[1][1]-want[1][1])))
 	require.Greater(t, diff, 1e-4)
 }
@@ -349,50 +337,7 @@ func TestGradientMatchesFiniteDifferences(t *testing.T) {
 // every position predict token 7 on random sequences, the held-out loss falls to under a quarter
 // of where it started (7.82 → 1.14 at the time of writing).
 func TestPromptAloneSteersLanguageModel(t *testing.T) {
-	p := newPT(t, func(c *prompttuning.Config) { c.NumVirtualTokens = 8; c.ModulesToSave = nil })
-	m := pefttest.NewLlama(t, pefttest.Config(), 0, p, pefttest.Batch, pefttest.Seq)
-	// A random head of standard deviation 0.02 can barely favour any token (its logits stay within
-	// about ±0.6 whatever the hidden state), so give it the scale of a trained one: std 0.5.
-	head := m.Layout().Linear("lm_head").Weights(m.Context())
-	values, err := peft.Float32s(head)
-	require.NoError(t, err)
-	for i := range values {
-		values[i] *= 25
-	}
-	require.NoError(t, peft.SetFloat32s(head, values))
-	batches := func(n int, seed uint64) []peft.Batch {
-		rng := peft.NewRand(seed)
-		out := make([]peft.Batch, n)
-		for i := range out {
-			ids := make([]int32, pefttest.Batch*pefttest.Seq)
-			labels := make([]int32, len(ids))
-			for j := range ids {
-				ids[j] = int32(rng.IntN(vocab))
-				labels[j] = 7
-			}
-			out[i] = peft.Batch{
-				Inputs: []*tensors.Tensor{tensors.FromFlatDataAndDimensions(ids, pefttest.Batch, pefttest.Seq)},
-				Labels: []*tensors.Tensor{tensors.FromFlatDataAndDimensions(labels, pefttest.Batch, pefttest.Seq)},
-			}
-		}
-		return out
-	}
-	trainer, err := peft.NewTrainer(m, peft.TrainConfig{Steps: 40, LearningRate: 0.1, Loss: peft.CrossEntropy, Progress: peft.ProgressOff})
-	require.NoError(t, err)
-	eval := peft.NewDataset("eval", batches(2, 7), false)
-	before, err := trainer.Evaluate(eval)
-	require.NoError(t, err)
-	initial, err := peft.Float32s(p.PromptEmbeddings())
-	require.NoError(t, err)
-	_, err = trainer.Train(peft.NewDataset("train", batches(8, 3), true))
-	require.NoError(t, err)
-	after, err := trainer.Evaluate(eval)
-	require.NoError(t, err)
-	t.Logf("held-out loss %.4f → %.4f", before.Loss, after.Loss)
-	require.Less(t, after.Loss, before.Loss/4)
-	trained, err := peft.Float32s(p.PromptEmbeddings())
-	require.NoError(t, err)
-	require.NotEqual(t, initial, trained)
+	pefttest.CheckSteersLanguageModel(t, newPT(t, func(c *prompttuning.Config) { c.NumVirtualTokens = 8; c.ModulesToSave = nil }), 4)
 }
 
 // The shared check, with the score head trained beside the prompt (as Hugging Face users train a

@@ -36,37 +36,10 @@ func generate(t testing.TB, m *peft.Model, p []int, cfg Config) []int {
 	return ids
 }
 
-// referenceGreedy decodes greedily the slow, obvious way: the model runs on the exact growing
-// sequence (no padding, no mask input) at every step, and the next id is the argmax of the last
-// position's logits, lowest id among ties.
-func referenceGreedy(t testing.TB, m *peft.Model, p []int, steps int) []int {
-	t.Helper()
-	seq := make([]int32, len(p))
-	for i, id := range p {
-		seq[i] = int32(id)
-	}
-	var out []int
-	for range steps {
-		outputs, err := m.Call(tensors.FromFlatDataAndDimensions(seq, 1, len(seq)))
-		require.NoError(t, err)
-		logits := outputs[0].Value().([][][]float32)[0]
-		last := logits[len(seq)-1]
-		best := 0
-		for i := range last {
-			if last[i] > last[best] {
-				best = i
-			}
-		}
-		out = append(out, best)
-		seq = append(seq, int32(best))
-	}
-	return out
-}
-
 func TestGreedyMatchesUnpaddedReference(t *testing.T) {
 	m := newLM(t, nil)
 	const steps = 13 // 4 + 13 = 17 ids: a 32-long buffer, 15 padding positions at the start
-	want := referenceGreedy(t, m, prompt, steps)
+	want := pefttest.GreedyReference(t, m, prompt, steps)
 	got := generate(t, m, prompt, Config{MaxNewTokens: steps})
 	require.Equal(t, want, got)
 	// Not a degenerate sequence (which would prove little).
@@ -74,12 +47,12 @@ func TestGreedyMatchesUnpaddedReference(t *testing.T) {
 
 	// A one-token prompt; a generation filling its buffer exactly (16 ids, no padding); one that
 	// generates the padding id 0 itself.
-	require.Equal(t, referenceGreedy(t, m, []int{1}, 4), generate(t, m, []int{1}, Config{MaxNewTokens: 4}))
-	require.Equal(t, referenceGreedy(t, m, prompt, 12), generate(t, m, prompt, Config{MaxNewTokens: 12}))
+	require.Equal(t, pefttest.GreedyReference(t, m, []int{1}, 4), generate(t, m, []int{1}, Config{MaxNewTokens: 4}))
+	require.Equal(t, pefttest.GreedyReference(t, m, prompt, 12), generate(t, m, prompt, Config{MaxNewTokens: 12}))
 	zeros := []int{1, 17, 42, 5, 33}
 	withZeros := generate(t, m, zeros, Config{MaxNewTokens: 12})
 	require.Contains(t, withZeros, 0)
-	require.Equal(t, referenceGreedy(t, m, zeros, 12), withZeros)
+	require.Equal(t, pefttest.GreedyReference(t, m, zeros, 12), withZeros)
 }
 
 func distinct(ids []int) []int {
@@ -185,7 +158,7 @@ func TestMethods(t *testing.T) {
 		require.NotEqual(t, a[0].Value(), b[0].Value())
 
 		// The padding trick holds with virtual tokens too.
-		require.Equal(t, referenceGreedy(t, m, prompt, cfg.MaxNewTokens), got)
+		require.Equal(t, pefttest.GreedyReference(t, m, prompt, cfg.MaxNewTokens), got)
 
 		// The model's 64 positions hold 4 virtual tokens and 60 ids: learned from the model, 60
 		// ids fit (a 60-long buffer, not 64) and 61 do not.

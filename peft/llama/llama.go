@@ -262,7 +262,7 @@ func Decoder(ctx *context.Context, cfg Config, inputs []*graph.Node) (hidden, ma
 	})
 	h := in.Embeddings
 	cos, sin := rotary(cfg, in.Positions)
-	attnBias := attentionBias(cfg, in.Mask)
+	attnBias := attentionBias(cfg, in.Mask, in.Past)
 	for i := range cfg.NumLayers {
 		layer := model.In("layers").In(strconv.Itoa(i))
 		x := rmsNorm(layer.In("input_layernorm"), h, cfg.RMSNormEps)
@@ -323,33 +323,42 @@ func applyRotary(x, cos, sin *graph.Node) *graph.Node {
 
 // attentionMask combines the causal mask (within the sliding window when window > 0: query i sees
 // keys j with i − window < j ≤ i, as transformers masks it) with the key padding mask:
-// [batch, 1, 1, seq, seq].
-func attentionMask(mask *graph.Node, window int) *graph.Node {
+// [batch, 1, 1, seq, past+seq]. The past key positions (a method's, Inputs.Past) come first and
+// are never padding: query i is at position past+i and key j at j, as transformers numbers a
+// cache of past positions (cache_position), so the causal mask lets every query see them and a
+// sliding window, counted in those positions, drops them only when they fall out of it.
+func attentionMask(mask *graph.Node, window, past int) *graph.Node {
 	g := mask.Graph()
 	batch, seq := mask.Shape().Dim(0), mask.Shape().Dim(1)
-	rows := graph.Iota(g, shapes.Make(dtypes.Int32, seq, seq), 0)
-	cols := graph.Iota(g, shapes.Make(dtypes.Int32, seq, seq), 1)
+	total := past + seq
+	rows := graph.Iota(g, shapes.Make(dtypes.Int32, seq, total), 0)
+	if past > 0 {
+		rows = graph.AddScalar(rows, float64(past))
+		mask = graph.Concatenate([]*graph.Node{graph.Ones(g, shapes.Make(mask.DType(), batch, past)), mask}, 1)
+	}
+	cols := graph.Iota(g, shapes.Make(dtypes.Int32, seq, total), 1)
 	allowed := graph.GreaterOrEqual(rows, cols)
 	if window > 0 {
 		allowed = graph.LogicalAnd(allowed, graph.GreaterThan(cols, graph.AddScalar(rows, float64(-window))))
 	}
-	causal := graph.BroadcastToDims(graph.Reshape(allowed, 1, 1, 1, seq, seq), batch, 1, 1, seq, seq)
-	keys := graph.BroadcastToDims(graph.Reshape(mask, batch, 1, 1, 1, seq), batch, 1, 1, seq, seq)
+	causal := graph.BroadcastToDims(graph.Reshape(allowed, 1, 1, 1, seq, total), batch, 1, 1, seq, total)
+	keys := graph.BroadcastToDims(graph.Reshape(mask, batch, 1, 1, 1, total), batch, 1, 1, seq, total)
 	return graph.LogicalAnd(causal, keys)
 }
 
 // attentionBias is the additive attention mask, 0 where a query may see a key and −1e9
-// elsewhere, at the full scores shape [batch, kvHeads, group, seq, seq]. It is built once for
-// all layers, so each layer masks with one same-shape Add (whose gradient passes straight
-// through) rather than broadcasts and a Where.
-func attentionBias(cfg Config, mask *graph.Node) *graph.Node {
-	allowed := attentionMask(mask, cfg.Family().SlidingWindow) // [batch, 1, 1, seq, seq]
+// elsewhere, at the full scores shape [batch, kvHeads, group, seq, past+seq] (past: a method's
+// key/value positions before the sequence, Inputs.Past). It is built once for all layers, so each
+// layer masks with one same-shape Add (whose gradient passes straight through) rather than
+// broadcasts and a Where.
+func attentionBias(cfg Config, mask *graph.Node, past int) *graph.Node {
+	allowed := attentionMask(mask, cfg.Family().SlidingWindow, past) // [batch, 1, 1, seq, past+seq]
 	zeros := graph.ZerosLike(graph.ConvertDType(allowed, dtypes.Float32))
 	blocked := graph.AddScalar(zeros, -1e9)
 	bias := graph.Where(allowed, zeros, blocked)
 	batch, seq := mask.Shape().Dim(0), mask.Shape().Dim(1)
 	group := cfg.NumHeads / cfg.NumKVHeads
-	return graph.BroadcastToDims(bias, batch, cfg.NumKVHeads, group, seq, seq)
+	return graph.BroadcastToDims(bias, batch, cfg.NumKVHeads, group, seq, past+seq)
 }
 
 // attention is grouped-query attention in a heads-major layout: queries are scaled and moved to
@@ -370,6 +379,9 @@ func attention(ctx *context.Context, cfg Config, x, cos, sin, bias *graph.Node) 
 	}
 	q = graph.MulScalar(applyRotary(q, cos, sin), 1/math.Sqrt(float64(hd)))
 	k = applyRotary(k, cos, sin)
+	// A method may put key/value positions of its own before the sequence (prefix tuning); the
+	// bias covers them.
+	k, v = peft.AttentionKeysValues(ctx, k, v)
 	// Query head h uses kv head h / group.
 	q = graph.TransposeAllDims(graph.Reshape(q, batch, seq, kvHeads, group, hd), 0, 2, 3, 1, 4) // [b, k, g, q, d]
 	scores := graph.Add(graph.Einsum("bkgqd,bskd->bkgqs", q, k), bias)
