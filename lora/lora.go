@@ -191,13 +191,13 @@ func (l *LoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 	l.order = nil
 	var oversized []string
 	for _, layer := range selected { // refuse an absurd rank before allocating anything
-		rank, _, _ := l.cfg.resolve(layer.Path)
+		rank, _, _ := l.cfg.Resolve(layer.Path)
 		if err := peft.CheckRank(layer, rank); err != nil {
 			return fmt.Errorf("lora: %w", err)
 		}
 	}
 	for i, layer := range selected {
-		rank, _, scale := l.cfg.resolve(layer.Path)
+		rank, _, scale := l.cfg.Resolve(layer.Path)
 		if rank > min(layer.In, layer.Out) {
 			oversized = append(oversized, fmt.Sprintf("%s (r=%d, min(in, out)=%d)", layer.Path, rank, min(layer.In, layer.Out)))
 		}
@@ -228,9 +228,9 @@ func (l *LoRA) Init(ctx *context.Context, layout *peft.Layout) error {
 	return nil
 }
 
-// resolve returns the rank, alpha and scale of the layer at path, after rank_pattern and
-// alpha_pattern.
-func (c Config) resolve(path string) (rank int, alpha, scale float64) {
+// Resolve returns the rank, alpha and scale of the layer at path, after rank_pattern,
+// alpha_pattern and use_rslora.
+func (c Config) Resolve(path string) (rank int, alpha, scale float64) {
 	rank, alpha = c.Rank, c.Alpha
 	if r, found := c.RankPattern.Lookup(path); found {
 		rank = r
@@ -348,7 +348,10 @@ func (l *LoRA) Merge(ctx *context.Context) error {
 	for i, t := range l.order {
 		layers[i] = t.layer
 	}
-	if err := l.merge.Replace(ctx, layers, func(i int, w []float32) ([]float32, error) { return l.merged(l.order[i], w) }); err != nil {
+	if err := l.merge.Replace(ctx, layers, func(i int, w, _ []float32) ([]float32, []float32, error) {
+		w, err := l.merged(l.order[i], w)
+		return w, nil, err
+	}); err != nil {
 		return fmt.Errorf("lora: %w", err)
 	}
 	return nil

@@ -40,7 +40,7 @@ func (l *LoRA) PEFTConfig(*context.Context) (map[string]any, error) {
 	}
 	rankPattern, alphaPattern := peft.Patterns[int]{}, peft.Patterns[any]{}
 	for _, t := range l.order {
-		rank, alpha, _ := c.resolve(t.layer.Path)
+		rank, alpha, _ := c.Resolve(t.layer.Path)
 		if rank == c.Rank && alpha == c.Alpha {
 			continue
 		}
@@ -184,7 +184,7 @@ func (l *LoRA) CheckPEFTConfig(fields *peft.PEFTFields) error {
 		return fmt.Errorf("lora: %s: use_dora is %v, the model's method has %v", fields.Source(), c.UseDoRA, l.cfg.UseDoRA)
 	}
 	for _, t := range l.order {
-		rank, _, scale := c.resolve(t.layer.Path)
+		rank, _, scale := c.Resolve(t.layer.Path)
 		if rank != t.rank {
 			return fmt.Errorf("lora: %s: rank %d for %s (r, rank_pattern), the model's method has %d", fields.Source(), rank, t.layer.Path, t.rank)
 		}

@@ -8,89 +8,116 @@ import (
 	"github.com/gomlx/gomlx/pkg/ml/context"
 )
 
-// WeightMerge is the mechanics every low-rank method shares for peft.Merger: it adds a per-layer
-// update to the base weights and keeps the originals aside, so that Unmerge restores them bit for
-// bit (subtracting again would not, in floating point). A method embeds one and supplies the
-// update of each layer.
+// WeightMerge is the mechanics every mergeable method shares for peft.Merger: it changes the
+// base weights (and biases, where the method needs it) and keeps the originals aside, so that
+// Unmerge restores them bit for bit (undoing the change in floating point would not). A method
+// embeds one and supplies the update of each layer.
 type WeightMerge struct {
-	layers    []*LinearLayer
+	vars      []*context.Variable // what was changed: weights and biases
 	originals []*tensors.Tensor
 }
 
 // Merge sets W ← W + delta(i) for each layers[i] (delta is [In, Out], row-major). Every merged
 // weight is computed before any changes, so an error leaves the model unmerged.
 func (w *WeightMerge) Merge(ctx *context.Context, layers []*LinearLayer, delta func(i int) ([]float32, error)) error {
-	return w.Replace(ctx, layers, func(i int, weights []float32) ([]float32, error) {
+	return w.Replace(ctx, layers, func(i int, weights, _ []float32) ([]float32, []float32, error) {
 		d, err := delta(i)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if len(d) != len(weights) {
-			return nil, fmt.Errorf("layer %s: update has %d values, the weights %d", layers[i].Path, len(d), len(weights))
+			return nil, nil, fmt.Errorf("layer %s: update has %d values, the weights %d", layers[i].Path, len(d), len(weights))
 		}
 		for k := range weights {
 			weights[k] += d[k]
 		}
-		return weights, nil
+		return weights, nil, nil
 	})
 }
 
-// Replace sets each layers[i]'s weights to merged(i, W), which gets the current weights W ([In,
-// Out], row-major, its own copy to change) and returns the new ones: for updates that are not
-// additive, such as DoRA's rescaling. Every new weight is computed before any changes, so an
-// error leaves the model unmerged.
-func (w *WeightMerge) Replace(ctx *context.Context, layers []*LinearLayer, merged func(i int, weights []float32) ([]float32, error)) error {
+// Replace sets each layers[i]'s weights and biases to what merged(i, W, b) returns: it gets the
+// current weights W ([In, Out], row-major) and biases b ([Out]; nil when the layer has none), each
+// its own copy to change, and returns the new weights and the new biases (nil: biases unchanged).
+// For updates that are not additive: DoRA's rescaling, (IA)³'s scaling of weights and biases.
+// Every new value is computed before any changes, so an error leaves the model unmerged; only
+// what changes is kept aside.
+func (w *WeightMerge) Replace(ctx *context.Context, layers []*LinearLayer, merged func(i int, weights, biases []float32) ([]float32, []float32, error)) error {
 	if w.Merged() {
 		return errors.New("already merged")
 	}
-	values := make([][]float32, len(layers))
-	originals := make([]*tensors.Tensor, len(layers))
+	vars := make([]*context.Variable, 0, len(layers))
+	values := make([][]float32, 0, len(layers))
+	originals := make([]*tensors.Tensor, 0, len(layers))
+	keep := func(v *context.Variable, current, value []float32, what string, layer *LinearLayer) error {
+		if len(value) != len(current) {
+			return fmt.Errorf("layer %s: merged %s have %d values, the layer %d", layer.Path, what, len(value), len(current))
+		}
+		original, err := v.Value()
+		if err != nil {
+			return err
+		}
+		clone, err := original.Clone()
+		if err != nil {
+			return err
+		}
+		vars, values, originals = append(vars, v), append(values, value), append(originals, clone)
+		return nil
+	}
 	for i, layer := range layers {
 		weights := layer.Weights(ctx)
 		if weights == nil {
 			return fmt.Errorf("layer %s has no float weights to merge into", layer.Path)
 		}
-		value, err := weights.Value()
-		if err != nil {
-			return err
-		}
-		if originals[i], err = value.Clone(); err != nil {
-			return err
-		}
 		current, err := Float32s(weights)
 		if err != nil {
 			return err
 		}
-		if values[i], err = merged(i, current); err != nil {
+		var currentBiases []float32
+		biases := layer.Biases(ctx)
+		if biases != nil {
+			if currentBiases, err = Float32s(biases); err != nil {
+				return err
+			}
+		}
+		newWeights, newBiases, err := merged(i, current, currentBiases)
+		if err != nil {
 			return err
 		}
-		if len(values[i]) != len(current) {
-			return fmt.Errorf("layer %s: merged weights have %d values, the layer %d", layer.Path, len(values[i]), len(current))
+		if err := keep(weights, current, newWeights, "weights", layer); err != nil {
+			return err
+		}
+		if newBiases != nil {
+			if biases == nil {
+				return fmt.Errorf("layer %s: merged biases for a layer without a bias", layer.Path)
+			}
+			if err := keep(biases, currentBiases, newBiases, "biases", layer); err != nil {
+				return err
+			}
 		}
 	}
-	for i, layer := range layers {
-		if err := SetFloat32s(layer.Weights(ctx), values[i]); err != nil {
+	for i, v := range vars {
+		if err := SetFloat32s(v, values[i]); err != nil {
 			for k := range i { // put back what was already changed
-				_ = layers[k].Weights(ctx).SetValue(originals[k])
+				_ = vars[k].SetValue(originals[k])
 			}
 			return err
 		}
 	}
-	w.layers, w.originals = layers, originals
+	w.vars, w.originals = vars, originals
 	return nil
 }
 
-// Unmerge restores the weights Merge changed, exactly.
-func (w *WeightMerge) Unmerge(ctx *context.Context) error {
+// Unmerge restores the weights and biases Merge changed, exactly.
+func (w *WeightMerge) Unmerge(*context.Context) error {
 	if !w.Merged() {
 		return errors.New("not merged")
 	}
-	for i, layer := range w.layers {
-		if err := layer.Weights(ctx).SetValue(w.originals[i]); err != nil {
+	for i, v := range w.vars {
+		if err := v.SetValue(w.originals[i]); err != nil {
 			return err
 		}
 	}
-	w.layers, w.originals = nil, nil
+	w.vars, w.originals = nil, nil
 	return nil
 }
 

@@ -523,8 +523,9 @@ func (l *QLoRA) Merge(ctx *context.Context) error {
 			plainLayers = append(plainLayers, l.layout.Linear(path))
 		}
 	}
-	if err := l.plain.Replace(ctx, plainLayers, func(i int, w []float32) ([]float32, error) {
-		return l.lora.MergedWeights(plainLayers[i].Path, w)
+	if err := l.plain.Replace(ctx, plainLayers, func(i int, w, _ []float32) ([]float32, []float32, error) {
+		w, err := l.lora.MergedWeights(plainLayers[i].Path, w)
+		return w, nil, err
 	}); err != nil {
 		return fmt.Errorf("qlora: %w", err)
 	}
