@@ -14,6 +14,7 @@ require (
 	golang.org/x/sys v0.43.0
 	golang.org/x/term v0.34.0
 	golang.org/x/text v0.28.0
+	gonum.org/v1/gonum v0.17.0
 )
 
 require (

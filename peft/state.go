@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -129,28 +130,70 @@ func (m *Model) savePEFT(dir string, f PEFTFormat, cfgJSON []byte) error {
 	if err != nil {
 		return err
 	}
-	fields["peft_type"] = f.PEFTType()
-	fields["base_model_name_or_path"] = nilIfEmpty(BaseModelOf(m.ctx).NameOrPath)
+	a := PEFTAdapter{PEFTType: f.PEFTType(), Fields: fields, Tensors: out, Task: m.layout.Task,
+		Method: m.method.Name(), Config: cfgJSON}
+	if base := m.savedBase(); base != nil {
+		a.BaseModel, a.BaseFingerprint = base.NameOrPath, base.Fingerprint
+	}
+	return WritePEFTFolder(dir, a)
+}
+
+// PEFTAdapter is an adapter in Hugging Face PEFT's layout, as WritePEFTFolder writes it.
+type PEFTAdapter struct {
+	// PEFTType and Fields are its adapter_config.json: peft_type and the method's fields
+	// (PEFTFormat.PEFTConfig); WritePEFTFolder adds task_type, base_model_name_or_path, revision,
+	// inference_mode and auto_mapping.
+	PEFTType string
+	Fields   map[string]any
+	// Tensors are adapter_model.safetensors' tensors, under PEFT's keys.
+	Tensors []safetensors.Tensor
+	// Task is the task_type ("" for null); BaseModel the base_model_name_or_path ("" for null).
+	Task      TaskType
+	BaseModel string
+	// Method and Config are this SDK's method name and configuration (JSON), recorded in the
+	// tensors' metadata so that Load and package methods rebuild the method exactly ("": a plain
+	// PEFT folder). BaseFingerprint is recorded with them (Model.BaseFingerprint): Load then
+	// refuses other base weights.
+	Method          string
+	Config          json.RawMessage
+	BaseFingerprint string
+}
+
+// WritePEFTFolder writes a as a PEFT adapter folder in dir: adapter_config.json as PEFT writes it
+// and adapter_model.safetensors with metadata {"format": "pt"} (and this SDK's record when
+// a.Method is set), replacing what dir held as one change (atomicfile.WriteFiles), so a write
+// killed at any instant leaves the old adapter or the new. Model.Save writes through it; so do
+// tools that make adapters without a model (package lora/combine).
+func WritePEFTFolder(dir string, a PEFTAdapter) error {
+	fields := maps.Clone(a.Fields)
+	fields["peft_type"] = a.PEFTType
+	fields["base_model_name_or_path"] = nilIfEmpty(a.BaseModel)
 	fields["revision"] = nil
-	fields["task_type"] = nilIfEmpty(string(m.layout.Task))
+	fields["task_type"] = nilIfEmpty(string(a.Task))
 	fields["inference_mode"] = true
 	fields["auto_mapping"] = nil
 	adapterConfig, err := encodePEFTConfig(fields)
 	if err != nil {
 		return err
 	}
-	digest, err := configDigest(adapterConfig)
-	if err != nil {
-		return err
+	metadata := map[string]string{"format": "pt"}
+	if a.Method != "" {
+		digest, err := configDigest(adapterConfig)
+		if err != nil {
+			return err
+		}
+		saved := savedConfig{FormatVersion: stateFormatVersion, Method: a.Method, Config: a.Config, Tensors: len(a.Tensors),
+			AdapterConfigSHA256: digest}
+		if base := (savedBase{NameOrPath: a.BaseModel, Fingerprint: a.BaseFingerprint}); base != (savedBase{}) {
+			saved.BaseModel = &base
+		}
+		record, err := json.Marshal(saved)
+		if err != nil {
+			return err
+		}
+		metadata[metadataRecord] = string(record)
 	}
-	record, err := json.Marshal(savedConfig{
-		FormatVersion: stateFormatVersion, Method: m.method.Name(), Config: cfgJSON, Tensors: len(out),
-		BaseModel: m.savedBase(), AdapterConfigSHA256: digest,
-	})
-	if err != nil {
-		return err
-	}
-	weights, err := safetensors.Encode(out, map[string]string{"format": "pt", metadataRecord: string(record)})
+	weights, err := safetensors.Encode(a.Tensors, metadata)
 	if err != nil {
 		return err
 	}
@@ -264,6 +307,9 @@ type SavedAdapter struct {
 	Config json.RawMessage
 	// Fields is the PEFT configuration (FormatPEFT only).
 	Fields *PEFTFields
+	// BaseFingerprint is the fingerprint of the base model's weights the adapter was trained on
+	// (Model.BaseFingerprint) when this SDK recorded one.
+	BaseFingerprint string
 }
 
 // ReadAdapter finds the adapter in dir (FindAdapter, with the sub-folder AdapterName gives) and
@@ -282,6 +328,9 @@ func ReadAdapter(dir string, opts ...LoadOption) (*SavedAdapter, error) {
 			return nil, err
 		}
 		saved.Method, saved.Config = cfg.Method, cfg.Config
+		if cfg.BaseModel != nil {
+			saved.BaseFingerprint = cfg.BaseModel.Fingerprint
+		}
 		return saved, nil
 	}
 	if saved.Fields, err = ReadPEFTFields(folder); err != nil {
@@ -300,6 +349,9 @@ func ReadAdapter(dir string, opts ...LoadOption) (*SavedAdapter, error) {
 	}
 	if record != nil {
 		saved.Method, saved.Config = record.Method, record.Config
+		if record.BaseModel != nil {
+			saved.BaseFingerprint = record.BaseModel.Fingerprint
+		}
 	}
 	return saved, nil
 }

@@ -4,20 +4,36 @@
 // layout, tokenizer files copied), which this SDK and Hugging Face transformers load like any
 // checkpoint, with no adapter left to apply at inference.
 //
+// With -combine it does adapter arithmetic instead (package peft/lora/combine, Hugging Face
+// PEFT's add_weighted_adapter): it combines several LoRA adapters of one base model into a new
+// LoRA adapter folder, which loads like any adapter (and merges into the base with a second run).
+//
 //	go run ./examples/merge -adapter my-lora -out merged            # base: the embedded stories260K
 //	go run ./examples/merge -model DIR -adapter my-lora -out merged
+//	go run ./examples/merge -combine cat -adapter a,b -weights 0.7,0.3 -out mixed
+//	go run ./examples/merge -combine ties -adapter a -adapter b -density 0.5 -out mixed
+//
+// Combination flags (all but -combine need it): -combine TYPE (linear, cat, svd, ties, ties_svd,
+// dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd),
+// -adapter DIR repeated or as a comma list, -weights (one per adapter, default 1 each), -density
+// (the pruning types), -svd-rank and -svd-clamp (the svd types), -majority-sign total|frequency
+// (the TIES types), -seed (DARE's random pruning).
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io/fs"
 	"os"
+	"strconv"
+	"strings"
 
 	"github.com/gomlx/gomlx/pkg/core/shapes"
 	"github.com/gomlx/gomlx/pkg/ml/context"
 	"github.com/gomlx/gopjrt/dtypes"
 
+	"peft/lora/combine"
 	"peft/peft"
 	"peft/peft/backend"
 	"peft/peft/llama"
@@ -26,23 +42,118 @@ import (
 )
 
 func main() {
-	modelDir := flag.String("model", "", "base model: a Hugging Face Llama folder (default: the embedded stories260K)")
-	adapterDir := flag.String("adapter", "", "saved adapter to merge: a Hugging Face PEFT LoRA/AdaLoRA folder (from this SDK or from PEFT) or this SDK's layout")
-	out := flag.String("out", "", "folder to write the merged model to")
-	allowOtherBase := flag.Bool("allow-other-base", false, "apply the adapter even if it was saved on a base model with other weights")
-	flag.Parse()
-	if *allowOtherBase {
-		loadOptions = append(loadOptions, peft.AllowOtherBase())
-	}
-	if *adapterDir == "" || *out == "" {
-		fmt.Fprintln(os.Stderr, "merge: -adapter and -out are required")
-		flag.Usage()
+	err := cli(os.Args[1:])
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		os.Exit(0)
+	case errors.Is(err, errUsage):
+		fmt.Fprintln(os.Stderr, "merge:", err)
 		os.Exit(2)
-	}
-	if err := run(*modelDir, *adapterDir, *out); err != nil {
+	case err != nil:
 		fmt.Fprintln(os.Stderr, "merge:", err)
 		os.Exit(1)
 	}
+}
+
+// errUsage marks command-line mistakes (exit status 2).
+var errUsage = errors.New("usage")
+
+// listFlag collects a flag given several times, each time one value or a comma list.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+
+func (l *listFlag) Set(s string) error {
+	for _, item := range strings.Split(s, ",") {
+		if item = strings.TrimSpace(item); item == "" {
+			return errors.New("empty item in the list")
+		}
+		*l = append(*l, item)
+	}
+	return nil
+}
+
+// combineFlags are the flags used by -combine alone.
+var combineFlags = []string{"weights", "density", "svd-rank", "svd-clamp", "majority-sign", "seed"}
+
+// cli parses the command line and runs the merge or the combination.
+func cli(args []string) error {
+	flags := flag.NewFlagSet("merge", flag.ContinueOnError)
+	modelDir := flags.String("model", "", "base model: a Hugging Face Llama folder (default: the embedded stories260K); not used with -combine")
+	var adapters listFlag
+	flags.Var(&adapters, "adapter", "saved adapter: a Hugging Face PEFT LoRA/AdaLoRA folder (from this SDK or from PEFT) or this SDK's layout, to merge into the base; with -combine, the LoRA adapters to combine (repeat the flag or give a comma list)")
+	out := flags.String("out", "", "folder to write to: the merged model, or with -combine the combined adapter")
+	allowOtherBase := flags.Bool("allow-other-base", false, "apply the adapter even if it was saved on a base model with other weights")
+	typ := flags.String("combine", "", "combine the -adapter folders into a new LoRA adapter instead of merging: linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd (PEFT's combination_type)")
+	var weightList listFlag
+	flags.Var(&weightList, "weights", "with -combine: one weight per adapter, comma-separated; negative subtracts (default 1 each)")
+	density := flags.Float64("density", 0, "with -combine ties, dare_* and magnitude_prune (and their _svd forms): fraction of entries kept, in (0, 1]")
+	svdRank := flags.Int("svd-rank", 0, "with -combine *svd: rank of the new adapter (default: the largest input rank)")
+	svdClamp := flags.Float64("svd-clamp", 0, "with -combine *svd: clamp the factors at this quantile of their entries, in (0, 1] (default: no clamping)")
+	majority := flags.String("majority-sign", combine.SignTotal, "with -combine ties, dare_ties (and _svd): how the sign is elected, total or frequency")
+	seed := flags.Uint64("seed", 0, "with -combine dare_*: seed of the random pruning (deterministic; not torch's draw)")
+	flags.Usage = func() {
+		fmt.Fprintf(flags.Output(), "Usage:\n  merge [-model DIR] -adapter DIR -out DIR           fold an adapter into its base model\n  merge -combine TYPE -adapter A,B [-weights 0.5,0.5] [options] -out DIR   combine LoRA adapters into a new one\n\nFlags:\n")
+		flags.PrintDefaults()
+	}
+	if err := flags.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return fmt.Errorf("%w: %v", errUsage, err) // Parse has printed the usage
+	}
+	set := map[string]bool{}
+	flags.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	usage := func(format string, a ...any) error {
+		flags.Usage()
+		return fmt.Errorf("%w: %s", errUsage, fmt.Sprintf(format, a...))
+	}
+	switch {
+	case flags.NArg() > 0:
+		return usage("unexpected arguments %q", flags.Args())
+	case len(adapters) == 0 || *out == "":
+		return usage("-adapter and -out are required")
+	}
+	if *typ == "" {
+		for _, name := range combineFlags {
+			if set[name] {
+				return usage("-%s is used with -combine only", name)
+			}
+		}
+		if len(adapters) > 1 {
+			return usage("%d adapters given: merging folds one adapter into the base; to combine several, add -combine TYPE", len(adapters))
+		}
+		if *allowOtherBase {
+			loadOptions = append(loadOptions, peft.AllowOtherBase())
+		}
+		return run(*modelDir, adapters[0], *out)
+	}
+	for _, name := range []string{"model", "allow-other-base"} {
+		if set[name] {
+			return usage("-%s is not used with -combine (combining needs no base model)", name)
+		}
+	}
+	cfg := combine.DefaultConfig()
+	cfg.Type, cfg.Density, cfg.SVDRank, cfg.SVDClamp, cfg.MajoritySign, cfg.Seed = combine.Type(*typ), *density, *svdRank, *svdClamp, *majority, *seed
+	for _, w := range weightList {
+		x, err := strconv.ParseFloat(w, 64)
+		if err != nil {
+			return usage("-weights: %q is not a number", w)
+		}
+		cfg.Weights = append(cfg.Weights, x)
+	}
+	if len(weightList) == 0 {
+		for range adapters {
+			cfg.Weights = append(cfg.Weights, 1)
+		}
+	}
+	combined, err := combine.CombineDirs(*out, adapters, cfg)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("combined %d adapters (%s, weights %v) into %s: rank %d, %d layers, target_modules %s\n",
+		len(adapters), cfg.Type, cfg.Weights, *out, combined.Rank, len(combined.Layers), combined.Targets)
+	return nil
 }
 
 // tokenizerFiles are copied from the base model's folder when present.
