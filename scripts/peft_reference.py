@@ -19,6 +19,8 @@ them as PEFT v0.20 does:
             with use_dora then W = lora_magnitude_vector · W / ‖W‖ (norm of each row of [out, in]).
   ADALORA   the rank pattern's kept rows are what the file holds;
             W += lora_alpha / (init_r + 1e-5) · lora_B @ (lora_A * lora_E).
+  IA3       W and b of a target scaled by its ia3_l [out, 1], or W by [1, in] for a module in
+            feedforward_modules (its input scaled).
   PROMPT_TUNING  prompt_embeddings are prepended to the token embeddings; the logits of the real
             positions are compared.
 
@@ -62,6 +64,16 @@ def pattern_values_before_0_15(config, path):
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     key = next((k for k in list(rank_pattern) + list(alpha_pattern) if re.match(rf".*\.{k}$", path)), path)
     return rank_pattern.get(key, config.get("r", 8)), alpha_pattern.get(key, config.get("lora_alpha", 8))
+
+
+def is_feedforward(config, path):
+    """PEFT's IA3 rule: a string is a full regex over the path, a list names suffixes of it."""
+    modules = config.get("feedforward_modules")
+    if modules is None:
+        modules = ["down_proj"]  # PEFT's default for Llama
+    if isinstance(modules, str):
+        return re.fullmatch(modules, path) is not None
+    return any(path.endswith(name) for name in modules)
 
 
 def targeted(target_modules, path, is_head):
@@ -116,6 +128,17 @@ def apply_adapter(model, config, tensors, check_old_rule=False):
                     a, e, b = take(key + ".lora_A"), take(key + ".lora_E"), take(key + ".lora_B")
                     delta = config.get("lora_alpha", 8) / (config["init_r"] + 1e-5) * b @ (a * e)
                 module.weight += delta
+        elif kind == "IA3":
+            for path, module in model.named_modules():
+                if not isinstance(module, torch.nn.Linear) or not targeted(config.get("target_modules"), path, path == "lm_head"):
+                    continue
+                vector = take("base_model.model." + path + ".ia3_l")
+                if is_feedforward(config, path):  # [1, in]: the layer's input is scaled
+                    module.weight *= vector
+                else:  # [out, 1]: its output, bias included
+                    module.weight *= vector
+                    if module.bias is not None:
+                        module.bias *= vector.flatten()
         elif kind == "PROMPT_TUNING":
             prompt = take("prompt_embeddings")
         else:
@@ -158,7 +181,7 @@ def rounded(t, dtype):
 def write_py(peer, out, prompt_ids):
     """Writes adapters laid out by hand to PEFT's semantics into OUT/py with their logits, for
     scripts/crosscheck -check: LoRA in F16 with an overlapping rank_pattern whose file order decides,
-    rsLoRA on all linear layers in BF16, DoRA, AdaLoRA with a rank pattern, prompt tuning."""
+    rsLoRA on all linear layers in BF16, DoRA, IA3, AdaLoRA with a rank pattern, prompt tuning."""
     torch.manual_seed(0)
     base = peer.LlamaForCausalLM.from_pretrained(os.path.join(out, "base"))
     linears = {p: m for p, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -171,6 +194,8 @@ def write_py(peer, out, prompt_ids):
                                         "use_rslora": True, "target_modules": "all-linear"}, "BF16"),
         "ref_dora": ({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "use_dora": True,
                       "target_modules": ["k_proj", "o_proj", "up_proj"]}, "F32"),
+        "ref_ia3": ({"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": ["k_proj", "v_proj", "down_proj", "up_proj"],
+                     "feedforward_modules": ["down_proj", "up_proj"]}, "F32"),
         "ref_adalora": ({"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "init_r": 4, "target_r": 2, "lora_alpha": 6,
                          "total_step": 10, "target_modules": ["q_proj", "v_proj"],
                          "rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True, False]}}, "F32"),
@@ -187,7 +212,10 @@ def write_py(peer, out, prompt_ids):
                 continue
             out_dim, in_dim = module.weight.shape
             key = "base_model.model." + path
-            if config["peft_type"] == "LORA":
+            if config["peft_type"] == "IA3":
+                shape = (1, in_dim) if is_feedforward(config, path) else (out_dim, 1)
+                tensors[key + ".ia3_l"] = rounded(1 + 0.2 * torch.randn(*shape), dtype)
+            elif config["peft_type"] == "LORA":
                 r = pattern_value(config.get("rank_pattern"), path, config["r"])
                 tensors[key + ".lora_A.weight"] = rounded(0.1 * torch.randn(r, in_dim), dtype)
                 tensors[key + ".lora_B.weight"] = rounded(0.1 * torch.randn(out_dim, r), dtype)

@@ -18,12 +18,13 @@
 // It writes the smoothed training-loss curves as lm_loss.png (all methods) and classify_loss.png
 // (pretrained against random start) in -out.
 //
-//	go run ./examples/finetune                       # both tasks: 3–5 minutes on 2 cores (pure-Go backend)
+//	go run ./examples/finetune                       # both tasks: 20 s on 2 cores with OpenBLAS (70 s without)
 //	go run ./examples/finetune -task lm -methods lora,full -steps 100
 //	go run ./examples/finetune -task classify -classify-methods all -out /tmp
 //
-// Method names: full, lora (r=8 on q_proj and v_proj), lora-all-linear, adapter-pfeiffer,
-// adapter-houlsby, prompt-tuning (10 virtual tokens); "all" selects every one.
+// Method names: full, lora (r=8 on q_proj and v_proj), lora-all-linear, dora (lora's settings
+// with DoRA), adalora, ia3, adapter-pfeiffer, adapter-houlsby, prompt-tuning (10 virtual tokens),
+// prefix-tuning (10, through PEFT's MLP); "all" selects every one.
 package main
 
 import (

@@ -61,6 +61,7 @@ import (
 
 	"peft/adapter"
 	"peft/full"
+	"peft/ia3"
 	"peft/lora"
 	"peft/lora/adalora"
 	"peft/peft"
@@ -72,6 +73,7 @@ import (
 	"peft/peft/plot"
 	"peft/peft/stories260k"
 	"peft/peft/tokenizer"
+	"peft/prefixtuning"
 	"peft/prompttuning"
 	"peft/qlora"
 )
@@ -93,6 +95,7 @@ type options struct {
 	DoRA                      bool
 	Targets                   string
 	VirtualTokens             int
+	PrefixProjection          bool
 	Forgetting                string
 	KeepCheckpoints           int
 	Resume, JSON              bool
@@ -122,12 +125,12 @@ func main() {
 	var o options
 	flag.StringVar(&o.Model, "model", "", "Hugging Face model folder (default: the embedded stories260K)")
 	flag.StringVar(&o.Data, "data", "", "folder with train.jsonl and valid.jsonl, or one .jsonl file")
-	flag.StringVar(&o.Method, "method", "lora", "lora, qlora, adalora, adapter, prompt-tuning or full")
+	flag.StringVar(&o.Method, "method", "lora", "lora, qlora, adalora, ia3, adapter, prompt-tuning, prefix-tuning or full")
 	flag.StringVar(&o.Out, "out", "", "folder for the adapter, checkpoints, loss.png and log.jsonl")
 	flag.IntVar(&o.Steps, "steps", 100, "optimizer steps of the run (the schedule decays over them)")
 	flag.IntVar(&o.Batch, "batch", 4, "rows per batch")
 	flag.IntVar(&o.Seq, "seq", 128, "tokens per row (longer examples are cut, see peft/data)")
-	flag.Float64Var(&o.LR, "lr", 0, "peak learning rate (default: the method's, 2e-4 for LoRA, QLoRA and AdaLoRA, 1e-3 adapter, 3e-2 prompt tuning, 2e-5 full)")
+	flag.Float64Var(&o.LR, "lr", 0, "peak learning rate (default: the method's, 2e-4 for LoRA, QLoRA and AdaLoRA, 3e-3 IA3, 1e-3 adapter, 3e-2 prompt tuning, 1e-2 prefix tuning, 2e-5 full)")
 	flag.IntVar(&o.Warmup, "warmup", -1, "warmup steps (-1: a tenth of -steps)")
 	flag.IntVar(&o.GradAccum, "grad-accum", 1, "batches per optimizer step")
 	flag.IntVar(&o.EvalEvery, "eval-every", 0, "steps between validations (default: a tenth of -steps)")
@@ -143,7 +146,8 @@ func main() {
 	flag.Float64Var(&o.Dropout, "dropout", 0, "LoRA dropout")
 	flag.BoolVar(&o.DoRA, "dora", false, "with lora or qlora: DoRA (a trained magnitude per output column, Hugging Face PEFT's use_dora)")
 	flag.StringVar(&o.Targets, "targets", "", "comma-separated layer names to adapt, or all-linear (default: q_proj,v_proj)")
-	flag.IntVar(&o.VirtualTokens, "virtual-tokens", 20, "prompt tuning's virtual tokens")
+	flag.IntVar(&o.VirtualTokens, "virtual-tokens", 20, "prompt and prefix tuning's virtual tokens")
+	flag.BoolVar(&o.PrefixProjection, "prefix-projection", true, "prefix tuning through PEFT's reparameterization MLP (a plain prefix starts from N(0, 1), far from the model)")
 	flag.StringVar(&o.Forgetting, "forgetting", "", "JSONL of general text whose loss is reported before and after (what the fine-tune cost)")
 	flag.BoolVar(&o.Resume, "resume", false, "continue the run in -out from its last complete checkpoint")
 	flag.BoolVar(&o.JSON, "json", false, "print one JSON object on the last line of stdout")
@@ -551,7 +555,8 @@ func (o *options) check() error {
 		o.SaveEvery = o.EvalEvery
 	}
 	if o.LR == 0 {
-		o.LR = map[string]float64{"lora": 2e-4, "qlora": 2e-4, "adalora": 2e-4, "adapter": 1e-3, "prompt-tuning": 3e-2, "full": 2e-5}[o.Method]
+		o.LR = map[string]float64{"lora": 2e-4, "qlora": 2e-4, "adalora": 2e-4, "ia3": 3e-3, "adapter": 1e-3, "prompt-tuning": 3e-2,
+			"prefix-tuning": 1e-2, "full": 2e-5}[o.Method]
 	}
 	return nil
 }
@@ -597,6 +602,16 @@ func (o *options) newMethod() (peft.Method, []byte, error) {
 		c.TotalSteps, c.TInit, c.TFinal = o.Steps, o.Steps/10, o.Steps/5
 		config = c
 		method, err = adalora.New(c)
+	case "ia3":
+		c := ia3.DefaultConfig()
+		if o.Targets != "" { // by default IA3 scales k, v and down_proj's input
+			c.TargetModules, c.FeedforwardModules = targets, peft.Targets{}
+			if targets.Matches(&peft.LinearLayer{Path: "model.layers.0.mlp.down_proj"}) {
+				c.FeedforwardModules = peft.TargetNames("down_proj") // scaled on its input, as PEFT does
+			}
+		}
+		config = c
+		method, err = ia3.New(c)
 	case "adapter":
 		c := adapter.Pfeiffer()
 		c.Seed = uint64(o.Seed)
@@ -607,12 +622,17 @@ func (o *options) newMethod() (peft.Method, []byte, error) {
 		c.NumVirtualTokens, c.Seed = o.VirtualTokens, uint64(o.Seed)
 		config = c
 		method, err = prompttuning.New(c)
+	case "prefix-tuning":
+		c := prefixtuning.DefaultConfig()
+		c.NumVirtualTokens, c.PrefixProjection, c.Seed = o.VirtualTokens, o.PrefixProjection, uint64(o.Seed)
+		config = c
+		method, err = prefixtuning.New(c)
 	case "full":
 		c := full.DefaultConfig()
 		config = c
 		method, err = full.New(c)
 	default:
-		return nil, nil, fmt.Errorf("-method %q: want lora, qlora, adalora, adapter, prompt-tuning or full", o.Method)
+		return nil, nil, fmt.Errorf("-method %q: want lora, qlora, adalora, ia3, adapter, prompt-tuning, prefix-tuning or full", o.Method)
 	}
 	if err != nil {
 		return nil, nil, err

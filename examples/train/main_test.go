@@ -76,7 +76,8 @@ func TestTrainWritesTheRun(t *testing.T) {
 	for _, tc := range []struct {
 		method string
 		dora   bool
-	}{{"qlora", false}, {"lora", true}, {"adalora", false}, {"adapter", false}, {"prompt-tuning", false}, {"full", false}} {
+	}{{"qlora", false}, {"lora", true}, {"adalora", false}, {"ia3", false}, {"adapter", false}, {"prompt-tuning", false},
+		{"prefix-tuning", false}, {"full", false}} {
 		name, method := tc.method, tc.method
 		if tc.dora {
 			name += " -dora"
@@ -84,7 +85,7 @@ func TestTrainWritesTheRun(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			o := baseOptions(filepath.Join(t.TempDir(), method))
 			o.Method, o.DoRA, o.Steps, o.EvalEvery = method, tc.dora, 2, 2
-			o.LR = map[string]float64{"full": 1e-3, "prompt-tuning": 3e-2}[method]
+			o.LR = map[string]float64{"full": 1e-3, "prompt-tuning": 3e-2, "ia3": 1e-1, "prefix-tuning": 3e-2}[method]
 			if o.LR == 0 {
 				o.LR = 1e-2
 			}

@@ -116,9 +116,12 @@ func BenchmarkInference(b *testing.B) {
 		{"base", "", false},
 		{"lora-unmerged", "lora-all-linear", false},
 		{"lora-merged", "lora-all-linear", true},
+		{"dora-unmerged", "dora", false},
+		{"ia3-unmerged", "ia3", false},
 		{"adapter-pfeiffer", "adapter-pfeiffer", false},
 		{"adapter-houlsby", "adapter-houlsby", false},
 		{"prompt-tuning", "prompt-tuning", false},
+		{"prefix-tuning", "prefix-tuning", false},
 	}
 	for _, tc := range cases {
 		b.Run(tc.name, func(b *testing.B) {

@@ -72,6 +72,7 @@ import (
 
 	"peft/adapter"
 	"peft/full"
+	"peft/ia3"
 	"peft/lora"
 	"peft/peft"
 	"peft/peft/backend"
@@ -79,6 +80,7 @@ import (
 	"peft/peft/llama"
 	"peft/peft/pefttest"
 	"peft/peft/stories260k"
+	"peft/prefixtuning"
 	"peft/prompttuning"
 )
 
@@ -128,6 +130,14 @@ func doraQV() (peft.Method, error) { // LoRA's settings with DoRA's magnitudes
 	return lora.New(cfg)
 }
 
+func ia3Default() (peft.Method, error) { return ia3.New(ia3.DefaultConfig()) } // k, v, down_proj
+
+func prefixTuning() (peft.Method, error) { // 20 virtual tokens through PEFT's MLP
+	cfg := prefixtuning.DefaultConfig()
+	cfg.PrefixProjection = true
+	return prefixtuning.New(cfg)
+}
+
 func pfeiffer() (peft.Method, error) { return adapter.New(adapter.Pfeiffer()) } // reduction 16, relu
 
 func promptTuning() (peft.Method, error) {
@@ -141,8 +151,10 @@ var llamaMethods = []llamaMethod{
 	{"lora", loraQV},
 	{"lora-all-linear", loraAllLinear},
 	{"dora", doraQV},
+	{"ia3", ia3Default},
 	{"adapter-pfeiffer", pfeiffer},
 	{"prompt-tuning", promptTuning},
+	{"prefix-tuning", prefixTuning},
 }
 
 // slowOnPureGo names the models that only run on the pure-Go backend without a BLAS library when
@@ -397,8 +409,10 @@ var llamaInferenceCases = []inferenceCase{
 	{name: "lora-all-linear-unmerged", method: loraAllLinear},
 	{name: "lora-all-linear-merged", method: loraAllLinear, merge: true},
 	{name: "dora-unmerged", method: doraQV},
+	{name: "ia3-unmerged", method: ia3Default},
 	{name: "adapter-pfeiffer", method: pfeiffer},
 	{name: "prompt-tuning", method: promptTuning},
+	{name: "prefix-tuning", method: prefixTuning},
 }
 
 // BenchmarkLlamaInference times one forward pass (m.Call) of the batch: the base model, LoRA

@@ -3,9 +3,11 @@ package experiment
 import (
 	"peft/adapter"
 	"peft/full"
+	"peft/ia3"
 	"peft/lora"
 	"peft/lora/adalora"
 	"peft/peft"
+	"peft/prefixtuning"
 	"peft/prompttuning"
 )
 
@@ -26,6 +28,15 @@ func newAdaLoRA(steps int, targets peft.Targets, modules []string) (peft.Method,
 	cfg.TotalSteps, cfg.TInit, cfg.TFinal = steps, steps/10, steps/5
 	cfg.TargetModules, cfg.ModulesToSave = targets, modules
 	return adalora.New(cfg)
+}
+
+// newPrefixTuning is prefix tuning with 10 virtual tokens through PEFT's reparameterization MLP
+// (a plain prefix drawn from N(0, 1), PEFT's init, starts far from the pretrained model: on
+// stories260K held-out loss 6.8 against the base model's 4.0).
+func newPrefixTuning(modules []string) (peft.Method, error) {
+	cfg := prefixtuning.DefaultConfig()
+	cfg.NumVirtualTokens, cfg.PrefixProjection, cfg.ModulesToSave = 10, true, modules
+	return prefixtuning.New(cfg)
 }
 
 // Candidates are the methods the example and the benchmarks compare, each with the new
@@ -56,6 +67,11 @@ func Candidates() []Candidate {
 		{Name: "adalora", LearningRate: 3e-2, New: func(steps int) (peft.Method, error) {
 			return newAdaLoRA(steps, peft.TargetNames("q_proj", "v_proj"), head)
 		}},
+		{Name: "ia3", LearningRate: 1e-1, New: func(int) (peft.Method, error) {
+			cfg := ia3.DefaultConfig()
+			cfg.ModulesToSave = head
+			return ia3.New(cfg)
+		}},
 		{Name: "adapter-pfeiffer", LearningRate: 1e-2, New: func(int) (peft.Method, error) {
 			cfg := adapter.Pfeiffer()
 			cfg.ModulesToSave = head
@@ -72,6 +88,9 @@ func Candidates() []Candidate {
 			cfg.Init = prompttuning.InitVocab
 			cfg.ModulesToSave = head
 			return prompttuning.New(cfg)
+		}},
+		{Name: "prefix-tuning", LearningRate: 1e-2, New: func(int) (peft.Method, error) {
+			return newPrefixTuning(head)
 		}},
 	}
 }

@@ -13,6 +13,7 @@ import (
 
 	"peft/adapter"
 	"peft/full"
+	"peft/ia3"
 	"peft/lora"
 	"peft/peft"
 	"peft/peft/generate"
@@ -45,6 +46,9 @@ func LMCandidates() []Candidate {
 		{Name: "adalora", LearningRate: 3e-2, New: func(steps int) (peft.Method, error) {
 			return newAdaLoRA(steps, peft.TargetPattern(peft.AllLinear), nil)
 		}},
+		{Name: "ia3", LearningRate: 1e-1, New: func(int) (peft.Method, error) {
+			return ia3.New(ia3.DefaultConfig())
+		}},
 		{Name: "adapter-pfeiffer", LearningRate: 5e-2, New: func(int) (peft.Method, error) {
 			return adapter.New(adapter.Pfeiffer())
 		}},
@@ -56,6 +60,9 @@ func LMCandidates() []Candidate {
 			cfg.NumVirtualTokens = 10
 			cfg.Init = prompttuning.InitVocab
 			return prompttuning.New(cfg)
+		}},
+		{Name: "prefix-tuning", LearningRate: 3e-2, New: func(int) (peft.Method, error) {
+			return newPrefixTuning(nil)
 		}},
 	}
 }

@@ -15,9 +15,11 @@ import (
 
 	"peft/adapter"
 	"peft/full"
+	"peft/ia3"
 	"peft/lora"
 	"peft/lora/adalora"
 	"peft/peft"
+	"peft/prefixtuning"
 	"peft/prompttuning"
 	"peft/qlora"
 )
@@ -30,6 +32,9 @@ var constructors = map[string]func(config json.RawMessage) (peft.Method, error){
 	"full":          fromConfig(full.New),
 	"qlora":         fromConfig(qlora.New),
 	"adalora":       fromConfig(adalora.New),
+	"ia3":           fromConfig(ia3.New),
+	// A saved prefix holds the computed prefix, not the projection MLP that made it.
+	"prefix_tuning": fromConfig(prefixtuning.NewForInference),
 }
 
 // peftConstructors builds each method Hugging Face PEFT has from an adapter_config.json, by
@@ -38,6 +43,8 @@ var peftConstructors = map[string]func(fields *peft.PEFTFields) (peft.Method, er
 	"LORA":          fromPEFT(lora.ParsePEFTConfig, lora.New),
 	"ADALORA":       fromPEFT(adalora.ParsePEFTConfig, adalora.New),
 	"PROMPT_TUNING": fromPEFT(prompttuning.ParsePEFTConfig, prompttuning.New),
+	"PREFIX_TUNING": fromPEFT(prefixtuning.ParsePEFTConfig, prefixtuning.New),
+	"IA3":           fromPEFT(ia3.ParsePEFTConfig, ia3.New),
 }
 
 // fromConfig returns a constructor that decodes the saved configuration into C and calls newFn.

@@ -7,11 +7,13 @@ import (
 
 	"peft/adapter"
 	"peft/full"
+	"peft/ia3"
 	"peft/lora"
 	"peft/lora/adalora"
 	"peft/peft"
 	"peft/peft/methods"
 	"peft/peft/pefttest"
+	"peft/prefixtuning"
 	"peft/prompttuning"
 	"peft/qlora"
 )
@@ -45,6 +47,22 @@ func TestFromSavedRebuildsEveryMethod(t *testing.T) {
 			cfg.InitRank, cfg.TargetRank, cfg.TotalSteps, cfg.TFinal = 6, 4, 100, 10
 			return adalora.New(cfg)
 		}},
+		{"dora", func() (peft.Method, error) {
+			cfg := lora.DefaultConfig()
+			cfg.UseDoRA = true
+			return lora.New(cfg)
+		}},
+		{"qdora", func() (peft.Method, error) {
+			cfg := qlora.DefaultConfig()
+			cfg.UseDoRA = true
+			return qlora.New(cfg)
+		}},
+		{"ia3", func() (peft.Method, error) { return ia3.New(ia3.DefaultConfig()) }},
+		{"prefix_tuning", func() (peft.Method, error) {
+			cfg := prefixtuning.DefaultConfig()
+			cfg.NumVirtualTokens = 3
+			return prefixtuning.New(cfg)
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			method, err := tc.new()
@@ -63,7 +81,7 @@ func TestFromSavedRebuildsEveryMethod(t *testing.T) {
 
 			rebuilt, err := methods.FromSaved(dir)
 			require.NoError(t, err)
-			require.Equal(t, tc.name, rebuilt.Name())
+			require.Equal(t, method.Name(), rebuilt.Name())
 			require.Equal(t, method.Config(), rebuilt.Config())
 			fresh := pefttest.NewModel(t, rebuilt)
 			require.NoError(t, fresh.Load(dir))
@@ -72,4 +90,25 @@ func TestFromSavedRebuildsEveryMethod(t *testing.T) {
 	}
 	_, err := methods.FromSaved(t.TempDir())
 	require.ErrorContains(t, err, "no saved adapter")
+}
+
+// A prefix trained through PEFT's MLP is saved as the prefix the MLP computes, which FromSaved
+// rebuilds as an inference-mode prefix holding it: the same outputs without the MLP.
+func TestFromSavedPrefixProjection(t *testing.T) {
+	cfg := prefixtuning.DefaultConfig()
+	cfg.NumVirtualTokens, cfg.PrefixProjection = 3, true
+	method, err := prefixtuning.New(cfg)
+	require.NoError(t, err)
+	m := pefttest.NewModel(t, method)
+	dir := t.TempDir()
+	require.NoError(t, m.Save(dir))
+	rebuilt, err := methods.FromSaved(dir)
+	require.NoError(t, err)
+	require.True(t, rebuilt.Config().(prefixtuning.Config).InferenceMode)
+	fresh := pefttest.NewModel(t, rebuilt)
+	require.NoError(t, fresh.Load(dir))
+	want, got := pefttest.Logits(t, m), pefttest.Logits(t, fresh)
+	for i := range want {
+		require.InDeltaSlice(t, want[i], got[i], 1e-5)
+	}
 }

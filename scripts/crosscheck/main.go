@@ -27,6 +27,7 @@ import (
 	"github.com/gomlx/gomlx/pkg/ml/context"
 	"github.com/gomlx/gopjrt/dtypes"
 
+	"peft/ia3"
 	"peft/lora"
 	"peft/lora/adalora"
 	"peft/peft"
@@ -91,6 +92,11 @@ var cases = map[string]func() (peft.Method, error){
 		cfg.Rank, cfg.Alpha, cfg.UseDoRA = 4, 8, true
 		cfg.TargetModules = peft.TargetNames("q_proj", "v_proj", "down_proj")
 		return lora.New(cfg)
+	},
+	"ia3": func() (peft.Method, error) {
+		cfg := ia3.DefaultConfig()
+		cfg.TargetModules = peft.TargetPattern(peft.AllLinear)
+		return ia3.New(cfg)
 	},
 	"adalora": func() (peft.Method, error) {
 		cfg := adalora.DefaultConfig()
