@@ -128,8 +128,8 @@ func TestDoRALayerAgainstPEFTsFormula(t *testing.T) {
 		want []float64
 	}{
 		{"output", outs[0], ref.Y},
-		{"gradient of A", outs[1], flatTransposed(ref.GradA, r, in)},
-		{"gradient of B", outs[2], flatTransposed(ref.GradB, out, r)},
+		{"gradient of A", outs[1], peft.Transpose(ref.GradA, r, in)},
+		{"gradient of B", outs[2], peft.Transpose(ref.GradB, out, r)},
 		{"gradient of m", outs[3], ref.GradM},
 	} {
 		values := tensors.MustCopyFlatData[float32](tc.got)
@@ -138,18 +138,6 @@ func TestDoRALayerAgainstPEFTsFormula(t *testing.T) {
 			require.InDelta(t, w, values[i], 2e-5*(1+math.Abs(w)), "%s, value %d", tc.name, i)
 		}
 	}
-}
-
-// flatTransposed returns the rows×cols row-major v transposed, as PyTorch's [out, in] becomes
-// our [in, out].
-func flatTransposed(v []float64, rows, cols int) []float64 {
-	out := make([]float64, len(v))
-	for i := range rows {
-		for j := range cols {
-			out[j*rows+i] = v[i*cols+j]
-		}
-	}
-	return out
 }
 
 // DoRA at initialization computes the base model: B = 0 and m = ‖W‖ make the gain 1 (up to the

@@ -331,8 +331,8 @@ func HFValues(prefix string, vars []*context.Variable, file *PEFTTensorFile) ([]
 }
 
 // Transpose returns the [cols, rows] transpose of the row-major [rows, cols] matrix v.
-func Transpose(v []float32, rows, cols int) []float32 {
-	out := make([]float32, len(v))
+func Transpose[T any](v []T, rows, cols int) []T {
+	out := make([]T, len(v))
 	for r := range rows {
 		for c := range cols {
 			out[c*rows+r] = v[r*cols+c]
