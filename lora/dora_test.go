@@ -134,9 +134,12 @@ func TestDoRALayerAgainstPEFTsFormula(t *testing.T) {
 	} {
 		values := tensors.MustCopyFlatData[float32](tc.got)
 		require.Len(t, values, len(tc.want), tc.name)
+		worst := 0.0
 		for i, w := range tc.want {
 			require.InDelta(t, w, values[i], 2e-5*(1+math.Abs(w)), "%s, value %d", tc.name, i)
+			worst = max(worst, math.Abs(float64(values[i])-w))
 		}
+		t.Logf("%s: max difference %.2g", tc.name, worst)
 	}
 }
 
