@@ -20,6 +20,7 @@ package ia3
 
 import (
 	"fmt"
+	"log"
 	"regexp"
 	"slices"
 	"strings"
@@ -43,9 +44,11 @@ type Config struct {
 	// FeedforwardModules selects the targets whose vector scales their input instead of their
 	// output, by PEFT's rule: a pattern must match a layer's whole path; a name matches a path
 	// that ends with it (a plain suffix, unlike target_modules' names, which need a dot before
-	// them: "proj" here matches every "…_proj"). When both are lists, every name here must also be
-	// a name of TargetModules (PEFT's rule). The zero value means none. Default: down_proj,
-	// PEFT's default for Llama models; with other targets set it too (or to peft.Targets{}).
+	// them: with pattern targets, "proj" here matches every "…_proj"). When both are lists, every
+	// name here must also be a name of TargetModules (PEFT's rule). Init logs a line when none of
+	// the targets is a feedforward module although some are named. The zero value means none.
+	// Default: down_proj, PEFT's default for Llama models; with other targets set it too (or to
+	// peft.Targets{}).
 	FeedforwardModules peft.Targets `json:"feedforward_modules"`
 	// ModulesToSave lists modules of the base model trained and saved in full besides the
 	// vectors, such as a new classifier head ("score"). Default none.
@@ -158,6 +161,7 @@ func (m *IA3) Init(ctx *context.Context, layout *peft.Layout) error {
 	isFeedforward := m.cfg.feedforward()
 	m.targets = map[string]*target{}
 	m.order = nil
+	feedforward := 0
 	for _, layer := range selected {
 		t := &target{layer: layer, feedforward: isFeedforward(layer.Path)}
 		ones := make([]float32, t.size())
@@ -167,6 +171,12 @@ func (m *IA3) Init(ctx *context.Context, layout *peft.Layout) error {
 		t.l = peft.NewVariable(ctx.InAbsPath(layer.Scope).In("ia3"), "l", ones, len(ones))
 		m.targets[layer.Path] = t
 		m.order = append(m.order, t)
+		if t.feedforward {
+			feedforward++
+		}
+	}
+	if feedforward == 0 && !m.cfg.FeedforwardModules.IsZero() {
+		log.Printf("ia3: feedforward_modules %s select none of the %d targets, so every vector scales its layer's output", m.cfg.FeedforwardModules, len(selected))
 	}
 	m.layout = layout
 	return nil

@@ -1,7 +1,9 @@
 package ia3_test
 
 import (
+	"bytes"
 	"encoding/json"
+	"log"
 	"math"
 	"os"
 	"path/filepath"
@@ -585,7 +587,7 @@ func TestBadConfig(t *testing.T) {
 	err := pefttest.NewModelErr(newIA3(t, func(c *ia3.Config) {
 		c.TargetModules, c.FeedforwardModules = peft.TargetNames("query", "value"), peft.Targets{}
 	}))
-	require.ErrorContains(t, err, `ia3: target modules ["query" "value"] match no linear layer of the model; the layers are: model.layers.0.self_attn.q_proj`)
+	require.ErrorContains(t, err, `ia3: target modules ["query" "value"] match no linear layer of the model; its 15 linear layers are named down_proj, gate_proj, k_proj, o_proj, q_proj, score, up_proj, v_proj (paths such as model.layers.0.self_attn.q_proj)`)
 	err = pefttest.NewModelErr(newIA3(t, func(c *ia3.Config) { c.ModulesToSave = []string{"classifier"} }))
 	require.ErrorContains(t, err, `ia3: modules_to_save: "classifier" matches no module`)
 }
@@ -636,4 +638,17 @@ func TestConfigJSON(t *testing.T) {
 		require.NoError(t, json.Unmarshal(data, &back))
 		require.Equal(t, cfg, back, string(data))
 	}
+}
+
+// Feed-forward modules that select none of the targets are allowed (PEFT's rule) but said once,
+// since every vector then scales an output.
+func TestFeedforwardMatchingNoTargetIsLogged(t *testing.T) {
+	var logged bytes.Buffer
+	log.SetOutput(&logged)
+	defer log.SetOutput(os.Stderr)
+	pefttest.NewModel(t, newIA3(t, func(c *ia3.Config) { c.FeedforwardModules = peft.TargetPattern(".*up_proj") }))
+	require.Contains(t, logged.String(), `ia3: feedforward_modules ".*up_proj" select none of the 6 targets`)
+	logged.Reset()
+	pefttest.NewModel(t, newIA3(t, nil))
+	require.Empty(t, logged.String())
 }

@@ -31,3 +31,13 @@ func Catch(what string, fn func() error) error { return catch(what, fn) }
 // ErrMerged is returned when an operation needs the method's update unmerged (training, saving)
 // while it is merged into the base weights.
 var ErrMerged = errors.New("peft: the method is merged into the base weights; call Unmerge first")
+
+// trimmedError is err said with a shorter message (a prefix the caller adds again removed),
+// unwrapping to err so that errors.Is and As still see it.
+type trimmedError struct {
+	msg string
+	err error
+}
+
+func (e trimmedError) Error() string { return e.msg }
+func (e trimmedError) Unwrap() error { return e.err }

@@ -2,6 +2,7 @@ package peft
 
 import (
 	"fmt"
+	"strings"
 	"sync"
 
 	"github.com/gomlx/gomlx/backends"
@@ -81,8 +82,14 @@ func NewModel(backend backends.Backend, ctx *context.Context, fn ModelFn, method
 			release()
 		}
 	}()
-	if err := catch(fmt.Sprintf("peft.NewModel: %s", method.Name()), func() error {
-		return method.Init(ctx, layout)
+	if err := catch("peft.NewModel: "+method.Name(), func() error {
+		err := method.Init(ctx, layout)
+		if err != nil {
+			if rest, found := strings.CutPrefix(err.Error(), method.Name()+": "); found {
+				return trimmedError{rest, err} // name the method once
+			}
+		}
+		return err
 	}); err != nil {
 		return nil, err
 	}

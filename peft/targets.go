@@ -4,7 +4,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"log"
+	"maps"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/gomlx/gomlx/pkg/ml/context"
@@ -96,10 +98,24 @@ func (t Targets) Select(layout *Layout) ([]*LinearLayer, error) {
 		}
 	}
 	if len(selected) == 0 {
-		return nil, fmt.Errorf("target modules %s match no linear layer of the model; the layers are: %s",
-			t, strings.Join(layout.LinearPaths(), ", "))
+		return nil, fmt.Errorf("target modules %s match no linear layer of the model; %s", t, describeLinears(layout))
 	}
 	return selected, nil
+}
+
+// describeLinears says what layout's linear layers are called, briefly whatever the depth: their
+// distinct names and one full path.
+func describeLinears(layout *Layout) string {
+	paths := layout.LinearPaths()
+	if len(paths) == 0 {
+		return "it has none"
+	}
+	names := map[string]bool{}
+	for _, p := range paths {
+		names[p[strings.LastIndex(p, ".")+1:]] = true
+	}
+	return fmt.Sprintf("its %d linear layers are named %s (paths such as %s)",
+		len(paths), strings.Join(slices.Sorted(maps.Keys(names)), ", "), paths[0])
 }
 
 // SameTargets returns an error naming the first linear layer of layout that theirs (a saved

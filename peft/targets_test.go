@@ -103,8 +103,8 @@ func TestTargetsSelect(t *testing.T) {
 
 	_, err = peft.TargetNames("proj").Select(layout)
 	require.ErrorContains(t, err, `target modules ["proj"] match no linear layer`)
-	require.ErrorContains(t, err, "model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj", "the error lists the layers")
-	require.ErrorContains(t, err, ", score")
+	require.ErrorContains(t, err, "linear layers are named down_proj, gate_proj, k_proj, o_proj, q_proj, score, up_proj, v_proj (paths such as model.layers.0.self_attn.q_proj)",
+		"the error names the layers that exist")
 	_, err = peft.TargetPattern("q_proj").Select(layout)
 	require.ErrorContains(t, err, `target modules "q_proj" match no linear layer`)
 	_, err = peft.Targets{}.Select(layout)

@@ -30,6 +30,7 @@ import (
 	"io/fs"
 	"os"
 	"slices"
+	"strings"
 
 	"github.com/gomlx/gomlx/pkg/core/shapes"
 	"github.com/gomlx/gomlx/pkg/ml/context"
@@ -74,7 +75,9 @@ func main() {
 		modelDir: *modelDir, prompt: *prompt, adapterDir: *adapterDir, asJSON: *asJSON, chat: *asChat,
 		generate: generate.Config{MaxNewTokens: *maxNew, Temperature: *temperature, TopK: *topK, TopP: *topP, Seed: *seed},
 	}); err != nil {
-		fmt.Fprintln(os.Stderr, "generate:", err)
+		// Say it in the command's words: its flags, one "generate:" prefix.
+		msg := strings.ReplaceAll(err.Error(), "MaxNewTokens", "-max-new-tokens")
+		fmt.Fprintln(os.Stderr, "generate:", strings.TrimPrefix(msg, "generate: "))
 		os.Exit(1)
 	}
 }

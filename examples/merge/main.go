@@ -1,8 +1,13 @@
-// Command merge folds a saved LoRA or AdaLoRA adapter (a Hugging Face PEFT folder, written by this
-// SDK or by PEFT) into its base model and writes the result as a standard
+// Command merge folds a saved adapter of a method that merges (LoRA, DoRA, AdaLoRA, IA³, QLoRA
+// and QDoRA, whose 4-bit base is written dequantized to float32; a Hugging Face PEFT folder,
+// written by this SDK or by PEFT) into its base model and writes the result as a standard
 // Hugging Face folder (config.json, model.safetensors with Hugging Face names and [out, in]
 // layout, tokenizer files copied), which this SDK and Hugging Face transformers load like any
-// checkpoint, with no adapter left to apply at inference.
+// checkpoint, with no adapter left to apply at inference. Adapters, prompt and prefix tuning add
+// computation that no weight can hold: run them unmerged (examples/generate -adapter).
+//
+// -out must be a new or empty folder, none of the inputs: merge never writes over an adapter or
+// a model.
 //
 // With -combine it does adapter arithmetic instead (package peft/lora/combine, Hugging Face
 // PEFT's add_weighted_adapter): it combines several LoRA adapters of one base model into a new
@@ -26,6 +31,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 
@@ -81,8 +87,8 @@ func cli(args []string) error {
 	flags := flag.NewFlagSet("merge", flag.ContinueOnError)
 	modelDir := flags.String("model", "", "base model: a Hugging Face Llama folder (default: the embedded stories260K); not used with -combine")
 	var adapters listFlag
-	flags.Var(&adapters, "adapter", "saved adapter: a Hugging Face PEFT LoRA/AdaLoRA folder (from this SDK or from PEFT) or this SDK's layout, to merge into the base; with -combine, the LoRA adapters to combine (repeat the flag or give a comma list)")
-	out := flags.String("out", "", "folder to write to: the merged model, or with -combine the combined adapter")
+	flags.Var(&adapters, "adapter", "saved adapter to merge into the base (LoRA, DoRA, AdaLoRA, IA³, QLoRA: a Hugging Face PEFT folder from this SDK or from PEFT); with -combine, the LoRA adapters to combine (repeat the flag or give a comma list)")
+	out := flags.String("out", "", "new or empty folder to write to: the merged model, or with -combine the combined adapter")
 	allowOtherBase := flags.Bool("allow-other-base", false, "apply the adapter even if it was saved on a base model with other weights")
 	typ := flags.String("combine", "", "combine the -adapter folders into a new LoRA adapter instead of merging: linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd (PEFT's combination_type)")
 	var weightList listFlag
@@ -113,6 +119,9 @@ func cli(args []string) error {
 		return usage("unexpected arguments %q", flags.Args())
 	case len(adapters) == 0 || *out == "":
 		return usage("-adapter and -out are required")
+	}
+	if err := checkOut(*out, adapters); err != nil {
+		return usage("%v", err)
 	}
 	if *typ == "" {
 		for _, name := range combineFlags {
@@ -151,8 +160,32 @@ func cli(args []string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Printf("combined %d adapters (%s, weights %v) into %s: rank %d, %d layers, target_modules %s\n",
+	fmt.Printf("combined %d adapter(s) (%s, weights %v) into %s: rank %d, %d layers, target_modules %s\n",
 		len(adapters), cfg.Type, cfg.Weights, *out, combined.Rank, len(combined.Layers), combined.Targets)
+	return nil
+}
+
+// checkOut refuses an -out folder that is one of the inputs or holds anything: writing there
+// would replace an adapter or a model (a training run's, say) or mix the output with other files.
+func checkOut(out string, inputs []string) error {
+	outAbs, err := filepath.Abs(out)
+	if err != nil {
+		return fmt.Errorf("-out %s: %w", out, err)
+	}
+	for _, in := range inputs {
+		if inAbs, err := filepath.Abs(in); err == nil && inAbs == outAbs {
+			return fmt.Errorf("-out %s is also an -adapter: write to a new folder", out)
+		}
+	}
+	entries, err := os.ReadDir(out)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("-out %s: %w", out, err)
+	case len(entries) > 0:
+		return fmt.Errorf("-out %s is not empty (it holds %s…): write to a new or empty folder; merge never writes over an adapter or a model", out, entries[0].Name())
+	}
 	return nil
 }
 
@@ -188,6 +221,10 @@ func run(modelDir, adapterDir, out string) error {
 	}
 	if err := m.Load(adapterDir, loadOptions...); err != nil {
 		return err
+	}
+	if _, ok := method.(peft.Merger); !ok {
+		return fmt.Errorf("%s: a %s adapter adds computation that no weight can hold, so it cannot be merged into the base: run it unmerged (examples/generate -adapter %s)",
+			adapterDir, method.Name(), adapterDir)
 	}
 	if err := m.Merge(); err != nil {
 		return err

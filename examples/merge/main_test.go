@@ -17,6 +17,7 @@ import (
 	"peft/peft/llama"
 	"peft/peft/methods"
 	"peft/peft/pefttest"
+	"peft/prefixtuning"
 )
 
 // -adapter takes a folder as Hugging Face PEFT writes it (here: ours with the SDK's metadata
@@ -125,6 +126,8 @@ func TestCombinesAdaptersThenMerges(t *testing.T) {
 }
 
 func TestCommandLineMistakes(t *testing.T) {
+	full := t.TempDir() // a folder holding something: a training run, a model
+	require.NoError(t, os.WriteFile(filepath.Join(full, "config.json"), []byte("{}"), 0o644))
 	for _, c := range []struct {
 		args []string
 		want string
@@ -135,9 +138,27 @@ func TestCommandLineMistakes(t *testing.T) {
 		{[]string{"-combine", "cat", "-adapter", "a,b", "-model", "m", "-out", "x"}, "-model is not used with -combine"},
 		{[]string{"-combine", "cat", "-adapter", "a,b", "-weights", "1,x", "-out", "x"}, `-weights: "x" is not a number`},
 		{[]string{"-combine", "cat", "-adapter", "a,,b", "-out", "x"}, "empty item in the list"},
+		{[]string{"-combine", "cat", "-adapter", "a,b", "-out", "./b"}, "-out ./b is also an -adapter: write to a new folder"},
+		{[]string{"-adapter", "a", "-out", "a"}, "-out a is also an -adapter"},
+		{[]string{"-adapter", "a", "-out", full}, "is not empty (it holds config.json…)"},
 	} {
 		err := cli(c.args)
 		require.ErrorIs(t, err, errUsage, "%q", c.args)
 		require.ErrorContains(t, err, c.want)
 	}
+}
+
+// An adapter whose method adds computation (prefix tuning) is refused with what to do instead,
+// and nothing is written.
+func TestUnmergeableMethod(t *testing.T) {
+	cfg := prefixtuning.DefaultConfig()
+	cfg.NumVirtualTokens = 2
+	method, err := prefixtuning.New(cfg)
+	require.NoError(t, err)
+	_, m := pefttest.StoriesModel(t, method)
+	dir := t.TempDir()
+	require.NoError(t, m.Save(dir))
+	out := filepath.Join(t.TempDir(), "merged")
+	require.ErrorContains(t, cli([]string{"-adapter", dir, "-out", out}), "a prefix_tuning adapter adds computation that no weight can hold")
+	require.NoDirExists(t, out)
 }

@@ -145,7 +145,7 @@ func main() {
 	flag.Float64Var(&o.Alpha, "alpha", 0, "LoRA alpha (default: the rank)")
 	flag.Float64Var(&o.Dropout, "dropout", 0, "LoRA dropout")
 	flag.BoolVar(&o.DoRA, "dora", false, "with lora or qlora: DoRA (a trained magnitude per output column, Hugging Face PEFT's use_dora)")
-	flag.StringVar(&o.Targets, "targets", "", "comma-separated layer names to adapt, or all-linear (default: q_proj,v_proj)")
+	flag.StringVar(&o.Targets, "targets", "", "comma-separated layer names to adapt, or all-linear (default: q_proj,v_proj; ia3: k_proj,v_proj,down_proj, down_proj scaled on its input whenever targeted)")
 	flag.IntVar(&o.VirtualTokens, "virtual-tokens", 20, "prompt and prefix tuning's virtual tokens")
 	flag.BoolVar(&o.PrefixProjection, "prefix-projection", true, "prefix tuning through PEFT's reparameterization MLP (a plain prefix starts from N(0, 1), far from the model)")
 	flag.StringVar(&o.Forgetting, "forgetting", "", "JSONL of general text whose loss is reported before and after (what the fine-tune cost)")
@@ -249,6 +249,10 @@ func run(o options) (result, error) {
 		return result{}, fmt.Errorf("-model %s: %w", modelName, err)
 	}
 	peft.NameBaseModel(ctx, modelName)
+	if virtual := o.virtualTokens(); virtual+o.Seq > cfg.MaxPositions {
+		return result{}, fmt.Errorf("-virtual-tokens %d plus -seq %d is %d, more than the %d positions of -model %s: lower one of them",
+			virtual, o.Seq, virtual+o.Seq, cfg.MaxPositions, modelName)
+	}
 	eos := tok.EOS()
 	if len(cfg.EOSTokenIDs) > 0 {
 		eos = cfg.EOSTokenIDs[0]
@@ -521,6 +525,7 @@ func meanOf(values []float64) float64 {
 
 // check validates the options and fills in the defaults that depend on others.
 func (o *options) check() error {
+	o.Method = strings.ReplaceAll(o.Method, "_", "-") // the saved names (prompt_tuning) work too
 	switch {
 	case o.Data == "":
 		return errors.New("-data is required: a folder with train.jsonl and valid.jsonl, or a .jsonl file")
@@ -536,6 +541,8 @@ func (o *options) check() error {
 		return fmt.Errorf("-patience-threshold must be a number ≥ 0, got %g", o.PatienceThreshold)
 	case o.LR < 0 || math.IsNaN(o.LR) || math.IsInf(o.LR, 0):
 		return fmt.Errorf("-lr must be > 0, got %g", o.LR)
+	case o.virtualTokens() < 0 || o.virtualTokens() == 0 && (o.Method == "prompt-tuning" || o.Method == "prefix-tuning"):
+		return fmt.Errorf("-virtual-tokens must be > 0, got %d", o.VirtualTokens)
 	}
 	if st, err := os.Stat(o.Out); err == nil && !st.IsDir() {
 		return fmt.Errorf("-out %s is a file, not a folder", o.Out)
@@ -559,6 +566,15 @@ func (o *options) check() error {
 			"prefix-tuning": 1e-2, "full": 2e-5}[o.Method]
 	}
 	return nil
+}
+
+// virtualTokens is the number of positions -method adds to every sequence: -virtual-tokens for
+// prompt and prefix tuning, 0 for the others.
+func (o *options) virtualTokens() int {
+	if o.Method == "prompt-tuning" || o.Method == "prefix-tuning" {
+		return o.VirtualTokens
+	}
+	return 0
 }
 
 // newMethod builds the method named by -method from the packages' defaults and the method flags,
@@ -734,7 +750,7 @@ func (k runKey) differences(other runKey) string {
 	}
 	add("-method", k.Method, other.Method)
 	if k.Method == other.Method && k.MethodConfig != other.MethodConfig {
-		out = append(out, fmt.Sprintf("method options %s, this command %s", k.MethodConfig, other.MethodConfig))
+		out = append(out, methodOptionDifferences(k.MethodConfig, other.MethodConfig)...)
 	}
 	if k.TrainData != other.TrainData || k.ValidData != other.ValidData {
 		out = append(out, "other data (-data)")
@@ -751,6 +767,49 @@ func (k runKey) differences(other runKey) string {
 		return "the settings differ"
 	}
 	return "it has " + strings.Join(out, "; ")
+}
+
+// optionFlags names the flag behind each field of the methods' configurations that a flag sets.
+var optionFlags = map[string]string{
+	"r": "-rank", "init_r": "-rank", "target_r": "-rank", "lora_alpha": "-alpha", "lora_dropout": "-dropout",
+	"use_dora": "-dora", "target_modules": "-targets", "feedforward_modules": "-targets",
+	"num_virtual_tokens": "-virtual-tokens", "prefix_projection": "-prefix-projection", "seed": "-seed",
+}
+
+// methodOptionDifferences names the fields where two method configurations (JSON objects)
+// differ, by their flag where one sets them.
+func methodOptionDifferences(a, b string) []string {
+	var ma, mb map[string]json.RawMessage
+	if json.Unmarshal([]byte(a), &ma) != nil || json.Unmarshal([]byte(b), &mb) != nil {
+		return []string{fmt.Sprintf("method options %s, this command %s", a, b)}
+	}
+	keys := map[string]bool{}
+	for key := range ma {
+		keys[key] = true
+	}
+	for key := range mb {
+		keys[key] = true
+	}
+	value := func(raw json.RawMessage, ok bool) string {
+		if !ok {
+			return "the default"
+		}
+		return string(raw)
+	}
+	var out []string
+	for _, key := range slices.Sorted(maps.Keys(keys)) {
+		va, okA := ma[key]
+		vb, okB := mb[key]
+		if okA == okB && string(va) == string(vb) {
+			continue
+		}
+		name := key
+		if flag, found := optionFlags[key]; found {
+			name = flag + " (" + key + ")"
+		}
+		out = append(out, fmt.Sprintf("%s %s, this command %s", name, value(va, okA), value(vb, okB)))
+	}
+	return out
 }
 
 // checkpointSteps lists the steps of dir's complete checkpoint-N folders, in order, after

@@ -225,6 +225,9 @@ func TestErrors(t *testing.T) {
 		{"no data", func(o *options) { o.Data = "" }, "-data is required"},
 		{"unknown method", func(o *options) { o.Method = "dora" }, `-method "dora": want lora, qlora`},
 		{"DoRA on adapters", func(o *options) { o.Method, o.DoRA = "adapter", true }, `-dora applies to -method lora or qlora, not "adapter"`},
+		{"no virtual tokens", func(o *options) { o.Method, o.VirtualTokens = "prompt-tuning", 0 }, "-virtual-tokens must be > 0, got 0"},
+		{"prefix longer than the model", func(o *options) { o.Method, o.VirtualTokens = "prefix-tuning", 500 },
+			"-virtual-tokens 500 plus -seq 48 is 548, more than the 512 positions of -model stories260K"},
 		{"bad line", func(o *options) { o.Data = bad }, `bad.jsonl:2: a prompt/completion record without "completion"`},
 		{"chat data, no template", func(o *options) { o.Data = chatData }, "holds chat records, and -model stories260K: chat: tokenizer_config.json: field chat_template: the model has no chat template"},
 		{"misspelt target", func(o *options) { o.Targets = "q_proj, v_porj" }, `-targets: the model has no linear layer named "v_porj" (it has down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)`},
@@ -262,4 +265,22 @@ func TestForgettingReport(t *testing.T) {
 	t.Logf("loss on general text rose by %.3f with LoRA, %.3f with full fine-tuning", cost["lora"], cost["full"])
 	require.Greater(t, cost["full"], cost["lora"])
 	require.Greater(t, cost["full"], 0.0)
+}
+
+// A resumed run with other method options is told which flags differ, by name.
+func TestMethodOptionDifferences(t *testing.T) {
+	for _, tc := range []struct {
+		name, a, b string
+		want       []string
+	}{
+		{"same", `{"r": 8, "seed": 0}`, `{"r": 8, "seed": 0}`, nil},
+		{"a flag's field", `{"r": 8, "use_dora": true}`, `{"r": 8}`, []string{"-dora (use_dora) true, this command the default"}},
+		{"several, sorted", `{"r": 8, "lora_alpha": 8, "x": 1}`, `{"r": 4, "lora_alpha": 8, "x": 2}`,
+			[]string{"-rank (r) 8, this command 4", "x 1, this command 2"}},
+		{"not objects", `[1]`, `{}`, []string{"method options [1], this command {}"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			require.Equal(t, tc.want, methodOptionDifferences(tc.a, tc.b))
+		})
+	}
 }

@@ -3,6 +3,7 @@ package combine
 import (
 	"encoding/json"
 	"fmt"
+	"log"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -10,6 +11,7 @@ import (
 	"peft/lora"
 	"peft/peft"
 	"peft/peft/safetensors"
+	"peft/qlora"
 )
 
 // Folder is a LoRA adapter with what its Hugging Face PEFT folder says besides the layers.
@@ -28,11 +30,15 @@ type Folder struct {
 	// records in the adapters it saves, and Method the SDK method that saved it ("lora",
 	// "qlora"); both "" for folders PEFT wrote. The fingerprint covers the base weights the method
 	// does not save, so two are comparable when the same method saved the same modules_to_save:
-	// combining refuses such adapters with different fingerprints. A combination keeps the
-	// fingerprint of LoRA inputs that saved its modules_to_save, and WriteFolder records it, so
-	// loading the combined adapter onto other base weights is refused as for any saved adapter;
-	// without one (adapters from PEFT, QLoRA's) it loads without that check.
+	// combining refuses such adapters with different fingerprints, and adapters saved by
+	// different methods (QLoRA's 4-bit base is not LoRA's float one). A combination keeps the
+	// fingerprint and method of inputs that saved its modules_to_save, and WriteFolder records
+	// them, so loading the combined adapter onto other base weights is refused as for any saved
+	// adapter; without them (adapters from PEFT) it loads without that check.
 	Fingerprint, Method string
+	// methodConfig is the SDK configuration (JSON) of the input whose method the combination
+	// keeps: QLoRA's quantization options come from it.
+	methodConfig json.RawMessage
 	// Modules are the tensors of the modules_to_save (Config.ModulesToSave), under their keys in
 	// the file (base_model.model.<module path>.weight, .bias), in PyTorch's layout.
 	Modules []safetensors.Tensor
@@ -86,7 +92,7 @@ func ReadFolder(dir string) (*Folder, error) {
 	if err != nil {
 		return nil, fmt.Errorf("combine: %w", err)
 	}
-	f.Fingerprint, f.Method = saved.BaseFingerprint, saved.Method
+	f.Fingerprint, f.Method, f.methodConfig = saved.BaseFingerprint, saved.Method, saved.Config
 	if err := f.readTensors(file, weightsPath); err != nil {
 		return nil, err
 	}
@@ -181,6 +187,7 @@ func CombineFolders(folders []*Folder, cfg Config) (*Folder, error) {
 	adapters := make([]*Adapter, len(folders))
 	moduleOwner := map[string]string{}
 	fingerprints := map[string]*Folder{} // by what the fingerprint leaves out: method, modules
+	var method *Folder                   // the first input with a fingerprint
 	for i, f := range folders {
 		adapters[i] = &f.Adapter
 		if out.TaskType == "" {
@@ -191,6 +198,12 @@ func CombineFolders(folders []*Folder, cfg Config) (*Folder, error) {
 				f.Dir, f.TaskType, folderOf(folders, out.TaskType), out.TaskType)
 		}
 		if f.Fingerprint != "" {
+			if method == nil {
+				method = f
+			} else if f.Method != method.Method {
+				return nil, fmt.Errorf("combine: %w: %s was saved by %s, %s by %s: adapters trained on different bases (QLoRA's is quantized to 4 bits) cannot be combined",
+					peft.ErrOtherBase, method.Dir, method.Method, f.Dir, f.Method)
+			}
 			key := f.Method + fmt.Sprint(slices.Sorted(slices.Values(f.Config.ModulesToSave)))
 			if other := fingerprints[key]; other == nil {
 				fingerprints[key] = f
@@ -218,8 +231,12 @@ func CombineFolders(folders []*Folder, cfg Config) (*Folder, error) {
 	out.Config.ModulesToSave = slices.Compact(out.Config.ModulesToSave)
 	// The fingerprint covers the base weights the adapter does not save: an input's holds for
 	// the combination when it saved the same modules.
-	if f := fingerprints["lora"+fmt.Sprint(out.Config.ModulesToSave)]; f != nil {
-		out.Fingerprint, out.Method = f.Fingerprint, f.Method
+	if method != nil {
+		if f := fingerprints[method.Method+fmt.Sprint(out.Config.ModulesToSave)]; f != nil {
+			out.Fingerprint, out.Method, out.methodConfig = f.Fingerprint, f.Method, f.methodConfig
+		} else {
+			log.Printf("combine: no input saved modules_to_save %v, so the combination carries no base fingerprint: loading it onto other base weights will not be refused", out.Config.ModulesToSave)
+		}
 	}
 	if out.Config, err = out.loraConfig(first.Config.Dropout, first.Config.InitA, out.Config.ModulesToSave); err != nil {
 		return nil, err
@@ -309,16 +326,33 @@ func WriteFolder(dir string, f *Folder) error {
 	}
 	a := peft.PEFTAdapter{PEFTType: l.PEFTType(), Fields: fields, Tensors: append(tensors, f.Modules...),
 		Task: peft.TaskType(f.TaskType), BaseModel: f.BaseModel}
-	if f.Method == "lora" && f.Fingerprint != "" {
-		if a.Config, err = json.Marshal(f.Config); err != nil {
+	if f.Fingerprint != "" {
+		if a.Config, err = f.sdkConfig(); err != nil {
 			return err
 		}
-		a.Method, a.BaseFingerprint = "lora", f.Fingerprint
+		a.Method, a.BaseFingerprint = f.Method, f.Fingerprint
 	}
 	if err := peft.WritePEFTFolder(dir, a); err != nil {
 		return fmt.Errorf("combine: %w", err)
 	}
 	return nil
+}
+
+// sdkConfig is the configuration this SDK records for f with its method: f.Config, for QLoRA
+// with the quantization options of the input it took the method from.
+func (f *Folder) sdkConfig() (json.RawMessage, error) {
+	switch f.Method {
+	case "lora":
+		return json.Marshal(f.Config)
+	case "qlora":
+		var c qlora.Config
+		if err := json.Unmarshal(f.methodConfig, &c); err != nil {
+			return nil, fmt.Errorf("combine: the qlora configuration of %s: %w", f.Dir, err)
+		}
+		c.Config = f.Config
+		return json.Marshal(c)
+	}
+	return nil, fmt.Errorf("combine: adapters saved by %s cannot be recorded", f.Method)
 }
 
 // CombineDirs reads the LoRA adapter folders dirs (ReadFolder), combines them with cfg

@@ -22,6 +22,7 @@ import (
 	"peft/peft/methods"
 	"peft/peft/pefttest"
 	"peft/peft/safetensors"
+	"peft/qlora"
 )
 
 // savedLoRA trains nothing: it applies LoRA with cfg to the tiny Llama (numLabels 0: causal LM),
@@ -258,4 +259,39 @@ func TestFoldersOfDifferentModelsAreRefused(t *testing.T) {
 			require.ErrorContains(t, err, c.want)
 		})
 	}
+}
+
+// QLoRA adapters combine into a QLoRA adapter that keeps their 4-bit base's fingerprint and
+// quantization options (it rebuilds as QLoRA and loads onto that base); mixed with a LoRA
+// adapter of the float base they are refused.
+func TestQLoRAFolders(t *testing.T) {
+	saveQLoRA := func(seed uint64, targets ...string) string {
+		cfg := qlora.FromLoRA(loraConfig(2, 4, targets...))
+		cfg.BlockSize = 32
+		method, err := qlora.New(cfg)
+		require.NoError(t, err)
+		m := pefttest.NewLlama(t, pefttest.Config(), 0, method, 1, pefttest.Seq)
+		pefttest.SetRandomB(t, m, seed, 0.2)
+		dir := t.TempDir()
+		require.NoError(t, m.Save(dir))
+		return dir
+	}
+	q1, q2 := saveQLoRA(1, "q_proj"), saveQLoRA(2, "v_proj")
+	out := filepath.Join(t.TempDir(), "combined")
+	_, err := combine.CombineDirs(out, []string{q1, q2}, combine.Config{Type: combine.Cat, Weights: []float64{1, 1}})
+	require.NoError(t, err)
+	saved, err := peft.ReadAdapter(out)
+	require.NoError(t, err)
+	require.Equal(t, "qlora", saved.Method)
+	require.NotEmpty(t, saved.BaseFingerprint)
+	method, err := methods.FromFolder(out)
+	require.NoError(t, err)
+	require.Equal(t, 32, method.Config().(qlora.Config).BlockSize)
+	m := pefttest.NewLlama(t, pefttest.Config(), 0, method, 1, pefttest.Seq)
+	require.NoError(t, m.Load(out))
+
+	plain, _ := savedLoRA(t, loraConfig(2, 4, "k_proj"), 3, 0)
+	_, err = combine.CombineDirs(t.TempDir(), []string{q1, plain}, combine.Config{Type: combine.Cat, Weights: []float64{1, 1}})
+	require.ErrorIs(t, err, peft.ErrOtherBase)
+	require.ErrorContains(t, err, "was saved by qlora")
 }

@@ -112,8 +112,8 @@ func (c Config) Validate() error {
 	return nil
 }
 
-// virtualTokens is implemented by methods that prepend positions inside the model
-// (prompttuning.PromptTuning).
+// virtualTokens is implemented by methods that add positions inside the model (prompt and prefix
+// tuning).
 type virtualTokens interface {
 	NumVirtualTokens() int
 }
@@ -193,8 +193,12 @@ func Generate(m *peft.Model, prompt []int, cfg Config) ([]int, error) {
 	limit := maxLength(m, cfg)
 	total := n + cfg.MaxNewTokens
 	if limit > 0 && total > limit {
-		return nil, fmt.Errorf("generate: the prompt (%d ids) plus MaxNewTokens (%d) is %d, more than the maximum length %d",
-			n, cfg.MaxNewTokens, total, limit)
+		why := ""
+		if v, ok := m.Method().(virtualTokens); ok && cfg.MaxLength <= 0 {
+			why = fmt.Sprintf(" (the model's %d positions less the %d virtual tokens of %s)", m.Layout().MaxLength, v.NumVirtualTokens(), m.Method().Name())
+		}
+		return nil, fmt.Errorf("generate: the prompt (%d ids) plus MaxNewTokens (%d) is %d, more than the maximum length %d%s",
+			n, cfg.MaxNewTokens, total, limit, why)
 	}
 	length := bufferLength(total, limit)
 
