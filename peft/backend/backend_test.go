@@ -156,7 +156,9 @@ func TestGetSameInstanceAndRuns(t *testing.T) {
 	require.Same(t, b1, b2)
 	assert.IsType(t, &simplego.Backend{}, b1)
 	wantPrefix := "backend: go, ops in parallel (pure Go; no PJRT plugin found — install one to use XLA); matmuls: "
-	if strings.EqualFold(os.Getenv(goexec.EnvDisable), "off") {
+	if goexec.RaceDetector {
+		wantPrefix = "backend: go:ops_sequential (pure Go; no PJRT plugin found — install one to use XLA); matmuls: "
+	} else if strings.EqualFold(os.Getenv(goexec.EnvDisable), "off") {
 		wantPrefix = "backend: go:ops_sequential (pure Go; no PJRT plugin found — install one to use XLA); matmuls: pure Go, " + goexec.ErrDisabled.Error()
 	}
 	assert.True(t, strings.HasPrefix(Description(), wantPrefix), Description())

@@ -1,12 +1,16 @@
 package goexec
 
 import (
+	"errors"
 	"fmt"
 	"reflect"
 	"unsafe"
 
 	"github.com/gomlx/gomlx/backends/simplego"
 )
+
+// ErrRaceDetector is RunOpsInParallel's refusal in builds with the race detector.
+var ErrRaceDetector = errors.New("goexec: ops stay sequential under the race detector (GoMLX v0.25's parallel executor reads its bookkeeping without its lock)")
 
 // RunOpsInParallel makes backend run a graph's independent ops concurrently, without the
 // deadlock of GoMLX v0.25's default pure-Go configuration.
@@ -23,9 +27,17 @@ import (
 // Ops then run in GoMLX's "dynamic" mode: in parallel while one graph executes at a time,
 // sequentially when several execute at once. Call it right after creating the backend, before
 // anything executes on it.
+//
+// Under the race detector it refuses (ErrRaceDetector), so ops stay sequential: simplego's
+// parallel executor reads its buffer-ownership counts without the lock that guards their
+// writes (exec.go's executeNode in GoMLX v0.25), which -race reports in every graph; sequential,
+// -race checks everything else.
 func RunOpsInParallel(backend *simplego.Backend) error {
 	if err := prepare(); err != nil {
 		return err
+	}
+	if RaceDetector {
+		return ErrRaceDetector
 	}
 	bt := reflect.TypeOf(simplego.Backend{})
 	workers, ok := bt.FieldByName("workers")
