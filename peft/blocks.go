@@ -142,6 +142,13 @@ type Inputs struct {
 	// mask, and counts them in its attention positions (a query at input position i is at
 	// position Past+i). 0 for the model's own inputs.
 	Past int
+	// Cached is true when the inputs continue a sequence whose earlier positions, the method's
+	// own added ones among them, the model holds in a key/value cache (the decoding steps of
+	// llama.CausalLMStep); Positions then start after those cached positions. A method that adds
+	// positions must add none again (they are in the cache) but number the tokens as it did on
+	// the first call, and trim nothing in TrimOutputs: prompt tuning moves Positions up by its
+	// virtual tokens and prepends nothing. False for a whole sequence (every other call).
+	Cached bool
 }
 
 // EmbedInputs hands the embedded input sequence to the active method (prompt tuning prepends its

@@ -28,7 +28,7 @@ type Model struct {
 	layout  *Layout
 
 	mu    sync.Mutex
-	execs map[int]*context.Exec // inference executors by number of inputs
+	execs map[execKey]*context.Exec // inference executors (Call's and CallFn's)
 	// state guards the variables: calls read them together (RLock); Save, Load, Merge, Unmerge
 	// and training hold it alone (Lock).
 	state sync.RWMutex
@@ -54,7 +54,7 @@ func NewModel(backend backends.Backend, ctx *context.Context, fn ModelFn, method
 	if len(example) == 0 {
 		return nil, fmt.Errorf("peft.NewModel: give the shape of at least one example input, to trace the model's layout")
 	}
-	m := &Model{backend: backend, ctx: ctx, fn: fn, method: method, execs: map[int]*context.Exec{}}
+	m := &Model{backend: backend, ctx: ctx, fn: fn, method: method, execs: map[execKey]*context.Exec{}}
 	layout, err := traceLayout(backend, ctx, fn, example)
 	if err != nil {
 		return nil, err
@@ -196,11 +196,15 @@ func (m *Model) Layout() *Layout { return m.layout }
 // Fn returns the model function with the method applied: pass it to GoMLX's trainer or executors
 // to run the model with the method. Graphs built from it before Merge or Unmerge compute the old
 // model afterwards: rebuild them (Trainer and Call do this by themselves).
-func (m *Model) Fn() ModelFn {
+func (m *Model) Fn() ModelFn { return m.withMethod(m.fn) }
+
+// withMethod returns fn run with the model's method active: what Fn returns for the model's own
+// function and CallFn compiles for another.
+func (m *Model) withMethod(fn ModelFn) ModelFn {
 	return func(ctx *context.Context, spec any, inputs []*graph.Node) []*graph.Node {
 		g := inputs[0].Graph()
 		ctx.SetGraphParam(g, graphParamActive, &active{method: m.method})
-		outputs := m.fn(ctx.Checked(false), spec, inputs)
+		outputs := fn(ctx.Checked(false), spec, inputs)
 		if hook, ok := m.method.(LossHook); ok && ctx.IsTraining(g) {
 			if extra := hook.Loss(ctx, g); extra != nil {
 				train.AddLoss(ctx, extra)
@@ -222,16 +226,46 @@ func (m *Model) Call(inputs ...*tensors.Tensor) ([]*tensors.Tensor, error) {
 	if err := m.CheckInputs(inputs); err != nil {
 		return nil, fmt.Errorf("peft.Model.Call: %w", err)
 	}
+	return m.run(execKey{inputs: len(inputs)}, m.fn, "peft.Model.Call", inputs)
+}
+
+// execKey names a compiled inference executor: Call's by its number of inputs (fn ""), CallFn's
+// by its key and number of inputs.
+type execKey struct {
+	fn     string
+	inputs int
+}
+
+// CallFn runs fn, another model function over the same variables, in inference mode with the
+// model's method active (its variables and hooks, as in Call), and returns its outputs: how a
+// model's second entry point runs, such as the key/value-cached decoding of llama.CausalLMPrefill
+// and llama.CausalLMStep that peft/generate uses. The executor is built on the first call for a
+// key and reused by every later call with that key and as many inputs (one graph compiled per
+// input shape), so key must name fn and everything fn's closure fixes: a call with another fn
+// under a used key runs the first. Merge and Unmerge drop these executors as they drop Call's.
+//
+// Unlike Call, CallFn does not check the inputs (they are fn's own; Call's CheckInputs knows only
+// the model's ids and mask): the caller checks them. It locks like Call.
+func (m *Model) CallFn(key string, fn ModelFn, inputs ...*tensors.Tensor) ([]*tensors.Tensor, error) {
+	if key == "" || fn == nil || len(inputs) == 0 {
+		return nil, fmt.Errorf("peft.Model.CallFn: give a key, a function and at least one input")
+	}
+	return m.run(execKey{fn: key, inputs: len(inputs)}, fn, "peft.Model.CallFn "+key, inputs)
+}
+
+// run executes fn with the method active on inputs through the executor of key, building it on
+// first use; what names the caller in errors.
+func (m *Model) run(key execKey, fn ModelFn, what string, inputs []*tensors.Tensor) ([]*tensors.Tensor, error) {
 	m.state.RLock()
 	defer m.state.RUnlock()
 	m.mu.Lock()
-	exec, found := m.execs[len(inputs)]
+	exec, found := m.execs[key]
 	if !found {
 		var err error
-		fn := m.Fn()
-		err = catch("peft.Model.Call: building the executor", func() error {
+		withMethod := m.withMethod(fn)
+		err = catch(what+": building the executor", func() error {
 			exec, err = context.NewExec(m.backend, m.ctx, func(ctx *context.Context, nodes []*graph.Node) []*graph.Node {
-				return fn(ctx, nil, nodes)
+				return withMethod(ctx, nil, nodes)
 			})
 			return err
 		})
@@ -239,7 +273,7 @@ func (m *Model) Call(inputs ...*tensors.Tensor) ([]*tensors.Tensor, error) {
 			m.mu.Unlock()
 			return nil, err
 		}
-		m.execs[len(inputs)] = exec
+		m.execs[key] = exec
 	}
 	m.mu.Unlock()
 	args := make([]any, len(inputs))
@@ -247,7 +281,7 @@ func (m *Model) Call(inputs ...*tensors.Tensor) ([]*tensors.Tensor, error) {
 		args[i] = t
 	}
 	var outputs []*tensors.Tensor
-	err := catch("peft.Model.Call", func() error {
+	err := catch(what, func() error {
 		var err error
 		outputs, err = exec.Exec(args...)
 		return err
@@ -263,7 +297,7 @@ func (m *Model) resetExecutors() {
 	for _, e := range m.execs {
 		e.Finalize()
 	}
-	m.execs = map[int]*context.Exec{}
+	m.execs = map[execKey]*context.Exec{}
 }
 
 // Merge folds the method's update into the base weights so inference costs nothing extra.

@@ -256,6 +256,12 @@ func (p *PrefixTuning) width() int { return p.numLayers * 2 * p.tokenDim }
 // maximum length.)
 func (p *PrefixTuning) NumVirtualTokens() int { return p.cfg.NumVirtualTokens }
 
+// SupportsKVCache reports that Inputs honours peft.Inputs.Cached, so peft/generate may decode with
+// a key/value cache (its generate.CacheAware): the prefix is never cached (KeysValues puts it
+// before the cached keys and values on every call) and the tokens are numbered after it as
+// always, continuing from the cached positions.
+func (p *PrefixTuning) SupportsKVCache() bool { return true }
+
 // Embedding returns the variable that starts the prefix: the prefix itself [P, L·2·token_dim]
 // without projection or in inference mode, the projection's input embedding [P, token_dim]
 // otherwise (nil before the method is applied to a model).

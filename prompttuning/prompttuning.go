@@ -18,6 +18,11 @@
 // GoMLX v0.25's pure-Go backend has no gradient for Slice; the gradient flows through the Gather
 // and the attention into P.
 //
+// With a key/value cache (peft/generate's default on the Llama family), the virtual tokens enter
+// the cache once, on the first call (llama.CausalLMPrefill); the decoding steps after it
+// (peft.Inputs.Cached) prepend nothing and trim nothing, and only number their tokens after the k
+// virtual positions.
+//
 // Storage: P is the float32 variable "prompt_embeddings" [k, d] in the scope "/prompt_tuning"
 // (Scope, VariableName): the same name and layout as Hugging Face PEFT's saved prompt_embeddings.
 //
@@ -237,6 +242,10 @@ func TextTokenIDs(ids []int, k int) []int {
 // NumVirtualTokens returns k.
 func (p *PromptTuning) NumVirtualTokens() int { return p.cfg.NumVirtualTokens }
 
+// SupportsKVCache reports that Inputs and Outputs honour peft.Inputs.Cached, so peft/generate may
+// decode with a key/value cache (its generate.CacheAware).
+func (p *PromptTuning) SupportsKVCache() bool { return true }
+
 // PromptEmbeddings returns the variable P [k, d] (nil before the method is applied to a model).
 func (p *PromptTuning) PromptEmbeddings() *context.Variable { return p.prompt }
 
@@ -253,6 +262,8 @@ func (p *PromptTuning) State(ctx *context.Context) []*context.Variable {
 // Inputs implements peft.InputsHook: it prepends the k virtual tokens to every sequence, marks
 // them as real in the mask and gives them positions 0…k−1, moving the real tokens up by k. A
 // sequence too long to fit with the prompt panics (peft.Model.Call returns it as an error).
+// Inputs continuing a cached sequence (in.Cached), whose cache already holds the virtual tokens,
+// only move up by k.
 func (p *PromptTuning) Inputs(ctx *context.Context, in *peft.Inputs) *peft.Inputs {
 	k := p.cfg.NumVirtualTokens
 	emb := in.Embeddings
@@ -261,6 +272,12 @@ func (p *PromptTuning) Inputs(ctx *context.Context, in *peft.Inputs) *peft.Input
 	if in.MaxLength > 0 && k+seq > in.MaxLength {
 		panic(fmt.Sprintf("prompt_tuning: num_virtual_tokens %d plus the input length %d is %d, more than the model's maximum length %d",
 			k, seq, k+seq, in.MaxLength))
+	}
+	if in.Cached {
+		ctx.InAbsPath(context.RootScope).SetGraphParam(g, graphParamCached, true)
+		out := *in
+		out.Positions = graph.AddScalar(in.Positions, float64(k))
+		return &out
 	}
 	prompt := p.prompt.ValueGraph(g)
 	if prompt.DType() != emb.DType() {
@@ -283,10 +300,18 @@ func (p *PromptTuning) Inputs(ctx *context.Context, in *peft.Inputs) *peft.Input
 	return out
 }
 
+// graphParamCached marks a graph whose inputs continue a cached sequence (Inputs saw
+// peft.Inputs.Cached), so that Outputs has no virtual positions to drop.
+const graphParamCached = "prompt_tuning_cached"
+
 // Outputs implements peft.InputsHook: it drops the k virtual positions from the hidden states
 // [batch, k+s, d], giving [batch, s, d]. It gathers the real rows of the flattened states (a
-// Gather has a gradient on every backend; a Slice has none on the pure-Go one).
+// Gather has a gradient on every backend; a Slice has none on the pure-Go one). The states of
+// inputs continuing a cached sequence have no virtual positions and pass unchanged.
 func (p *PromptTuning) Outputs(ctx *context.Context, hidden *graph.Node) *graph.Node {
+	if cached, _ := ctx.InAbsPath(context.RootScope).GetGraphParam(hidden.Graph(), graphParamCached); cached == true {
+		return hidden
+	}
 	k := p.cfg.NumVirtualTokens
 	batch, total, dim := hidden.Shape().Dim(0), hidden.Shape().Dim(1), hidden.Shape().Dim(2)
 	seq := total - k

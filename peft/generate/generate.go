@@ -2,23 +2,46 @@
 // as llama.CausalLM, with or without a fine-tuning method applied): greedy decoding, or sampling
 // with temperature, top-k and top-p (nucleus) filtering from a seeded random source.
 //
-// # One compiled graph
+// # Fixed shapes
 //
 // GoMLX compiles a new graph for every distinct input shape, so Generate never grows its input one
-// token at a time. It runs the model on a fixed-length buffer of L token ids, L = len(prompt) +
-// MaxNewTokens rounded up to a multiple of 16 (and capped at the maximum length, see
-// Config.MaxLength), with a mask [1, L] that is 1 for the real tokens and 0 for the padding (id 0)
-// after them. The model's causal attention keeps the padding after position t from changing the
-// logits at t, so each step reads the logits at the last real position and writes the chosen id
-// into the buffer: the whole generation runs one compiled graph (the tests check that the ids are
-// those of running the model on the exact, unpadded sequence at every step).
+// token at a time. It keeps a fixed-length buffer of L token ids, L = len(prompt) + MaxNewTokens
+// rounded up to a multiple of 16 (and capped at the maximum length, see Config.MaxLength). Without
+// the key/value cache (below) it runs the model on the whole buffer at every step, with a mask
+// [1, L] that is 1 for the real tokens and 0 for the padding (id 0) after them. The model's causal
+// attention keeps the padding after position t from changing the logits at t, so each step reads
+// the logits at the last real position and writes the chosen id into the buffer: the whole
+// generation runs one compiled graph (the tests check that the ids are those of running the model
+// on the exact, unpadded sequence at every step).
 //
-// # Cost
+// # Cost and the key/value cache
 //
-// There is no key/value cache: every step recomputes the whole buffer, so a generation costs
-// MaxNewTokens forward passes over L positions (attention O(MaxNewTokens·L²)) instead of one pass
-// over the prompt and one position per new token. That is fine for the small models of this
-// SDK; a model large enough for it to matter needs a cache that this package does not have.
+// Without a cache every step recomputes the whole buffer: MaxNewTokens forward passes over L
+// positions (attention O(MaxNewTokens·L²)). So Generate decodes with a key/value cache where the
+// model allows it: one pass over the prompt (llama.CausalLMPrefill, on the prompt padded to a
+// multiple of 16), then one position per new token (llama.CausalLMStep), each attending over a
+// cache of L positions. A generation runs two compiled graphs, the prefill's (one per prompt
+// length rounded to 16 and buffer length) and the step's (one per buffer length), each built
+// once and kept by the model (peft.Model.CallFn, which runs them with the method active as Call
+// does). The ids are those of the cache-free path: the tests check greedy decoding id for id,
+// sampling with a seed, and every step's logits within 1e-5 of the full forward's (relative to
+// the largest logit where it is over 1). In one run of BenchmarkGenerate (pure-Go backend, two
+// cores) the cache made 64 new tokens on stories260K 3.0× faster (825 against 279 tokens/s) and
+// 128 on a random 4-layer Llama of width 256 4.7× faster (379 against 81 tokens/s).
+//
+// The cache is used when the model is a causal language model of the Llama family
+// (llama.CausalLM): its base model record (peft.BaseModelOf, written by llama.Init and
+// llama.LoadPretrained) holds a Llama-family config.json that agrees with the model's traced
+// layout (vocabulary, width, layers, heads, maximum length). Every method whose hooks act per
+// token works with the cache unchanged (LoRA, DoRA, QLoRA, AdaLoRA, IA³, adapters, full
+// fine-tuning, merged or not); a method that changes the inputs or the attention positions
+// (peft.InputsHook, peft.AttentionHook) must say it honours peft.Inputs.Cached (CacheAware):
+// prompt and prefix tuning do. Any other model or method runs the cache-free path, as does
+// Config.NoCache. A model function that computes something other than llama.CausalLM over the
+// same variables (a wrapper changing its logits, say) looks the same from outside: set NoCache
+// for it. The cached logits differ from the cache-free path's only by float32 rounding, so two
+// logits closer than that could, rarely, be picked differently; NoCache reproduces the
+// cache-free path exactly.
 //
 // # Determinism
 //
@@ -54,6 +77,7 @@ import (
 	"github.com/gomlx/gopjrt/dtypes"
 
 	"peft/peft"
+	"peft/peft/llama"
 )
 
 // bufferMultiple is what the buffer length is rounded up to.
@@ -84,6 +108,10 @@ type Config struct {
 	// maximum length less the virtual tokens of prompt tuning; no limit if the model has none).
 	// Must be ≥ 0.
 	MaxLength int
+	// NoCache turns the key/value cache off: every step runs the model on the whole buffer, as
+	// Call does (see the package documentation). Default false: the cache is used where the
+	// model allows it. The ids are the same either way.
+	NoCache bool
 }
 
 // Validate checks the configuration on its own, naming the first field that is wrong. What needs
@@ -116,6 +144,47 @@ func (c Config) Validate() error {
 // tuning).
 type virtualTokens interface {
 	NumVirtualTokens() int
+}
+
+// CacheAware is implemented by methods that change the model's inputs or attention positions
+// (peft.InputsHook, peft.AttentionHook) and honour peft.Inputs.Cached, so that Generate may decode
+// them with a key/value cache: prompttuning.PromptTuning and prefixtuning.PrefixTuning. Such a
+// method without it runs the cache-free path.
+type CacheAware interface {
+	// SupportsKVCache reports whether the method's hooks work with cached decoding.
+	SupportsKVCache() bool
+}
+
+// cachedConfig returns the Llama-family configuration to decode m with a key/value cache, or
+// false when m is not llama.CausalLM of the configuration its base model record holds or its
+// method cannot run with a cache (see the package documentation).
+func cachedConfig(m *peft.Model) (llama.Config, bool) {
+	method := m.Method()
+	_, inputs := method.(peft.InputsHook)
+	_, attention := method.(peft.AttentionHook)
+	if aware, ok := method.(CacheAware); (inputs || attention) && !(ok && aware.SupportsKVCache()) {
+		return llama.Config{}, false
+	}
+	raw := peft.BaseModelOf(m.Context()).Config
+	layout := m.Layout()
+	if raw == nil || layout == nil || layout.Task != peft.TaskCausalLM || len(layout.Outputs) != 1 || len(layout.Embeddings) != 1 {
+		return llama.Config{}, false
+	}
+	cfg, err := llama.ParseConfig(raw)
+	if err != nil {
+		return llama.Config{}, false
+	}
+	out, embed := layout.Outputs[0], layout.Embeddings[0]
+	if out.Rank() != 3 || out.Dim(2) != cfg.VocabSize || embed.Vocab != cfg.VocabSize || embed.Dim != cfg.HiddenSize ||
+		layout.MaxLength != cfg.MaxPositions || layout.NumLayers != cfg.NumLayers || len(layout.Attentions) != cfg.NumLayers {
+		return llama.Config{}, false
+	}
+	for _, site := range layout.Attentions {
+		if site.KVHeads != cfg.NumKVHeads || site.HeadDim != cfg.HeadDim() {
+			return llama.Config{}, false
+		}
+	}
+	return cfg, true
 }
 
 // maxLength returns the longest id sequence to run m on: cfg.MaxLength, or else the model's
@@ -216,12 +285,18 @@ func Generate(m *peft.Model, prompt []int, cfg Config) ([]int, error) {
 	if cfg.Temperature > 0 {
 		s = newSampler(cfg.Temperature, cfg.TopK, cfg.TopP, peft.NewRand(cfg.Seed))
 	}
+	logits := func(step int, row []float32) ([]float32, error) { return logitsAt(m, ids, mask, n+step-1, row) }
+	if llamaCfg, ok := cachedConfig(m); ok && !cfg.NoCache {
+		c := &cached{m: m, cfg: llamaCfg, room: length}
+		defer c.release()
+		logits = func(step int, row []float32) ([]float32, error) { return c.logits(ids, n, step, row) }
+	}
 	var row []float32
 	generated := make([]int, 0, cfg.MaxNewTokens)
 	for step := range cfg.MaxNewTokens {
 		pos := n + step - 1 // the last real token
 		var err error
-		row, err = logitsAt(m, ids, mask, pos, row)
+		row, err = logits(step, row)
 		if err != nil {
 			return nil, err
 		}
@@ -268,15 +343,71 @@ func logitsAt(m *peft.Model, ids, mask []int32, pos int, row []float32) ([]float
 	if err != nil {
 		return nil, fmt.Errorf("generate: running the model on [1, %d] ids: %w", length, err)
 	}
-	defer func() {
-		for _, t := range outputs {
-			_ = t.FinalizeAll()
-		}
-	}()
+	defer finalize(outputs)
 	if len(outputs) == 0 {
 		return nil, fmt.Errorf("generate: the model returned no outputs")
 	}
-	logits := outputs[0]
+	return readRow(outputs[0], length, pos, row)
+}
+
+// cached decodes with the key/value cache of a Llama-family model: the prefill at step 0, one
+// step of one token after it, keeping the cache between calls.
+type cached struct {
+	m            *peft.Model
+	cfg          llama.Config
+	room         int             // the cache's room in tokens: the buffer length
+	keys, values *tensors.Tensor // the cache after the last call; nil before the prefill
+}
+
+// logits returns into row the logits at position n+step−1 of ids (n prompt ids, then the ids
+// generated so far): the prefill runs the prompt (padded to a multiple of bufferMultiple), each
+// later step the one id generated last. Each executor (CallFn key) is for one input shape, so
+// that no executor outgrows GoMLX's limit of graphs per executor however many lengths a process
+// generates.
+func (c *cached) logits(ids []int32, n, step int, row []float32) ([]float32, error) {
+	var outputs []*tensors.Tensor
+	var err error
+	seq, pos := 1, 0
+	if step == 0 {
+		seq, pos = bufferLength(n, c.room), n-1
+		outputs, err = c.m.CallFn(fmt.Sprintf("generate.prefill/%d/%d", c.room, seq), llama.CausalLMPrefill(c.cfg, c.room),
+			tensors.FromFlatDataAndDimensions(ids[:seq], 1, seq))
+	} else {
+		start := n + step - 1
+		outputs, err = c.m.CallFn(fmt.Sprintf("generate.step/%d", c.room), llama.CausalLMStep(c.cfg),
+			tensors.FromFlatDataAndDimensions(ids[start:start+1], 1, 1), tensors.FromScalar(int32(start)), c.keys, c.values)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("generate: running the cached model on [1, %d] ids (step %d): %w", seq, step, err)
+	}
+	if len(outputs) != 3 {
+		finalize(outputs)
+		return nil, fmt.Errorf("generate: the cached model returned %d outputs, want logits, keys and values", len(outputs))
+	}
+	c.release()
+	c.keys, c.values = outputs[1], outputs[2]
+	defer finalize(outputs[:1])
+	return readRow(outputs[0], seq, pos, row)
+}
+
+// release frees the cache.
+func (c *cached) release() {
+	finalize([]*tensors.Tensor{c.keys, c.values})
+	c.keys, c.values = nil, nil
+}
+
+// finalize frees the tensors' memory (nil ones are skipped).
+func finalize(ts []*tensors.Tensor) {
+	for _, t := range ts {
+		if t != nil {
+			_ = t.FinalizeAll()
+		}
+	}
+}
+
+// readRow copies the logits at position pos of logits [1, length, vocab] into row (reused when
+// it has the right length).
+func readRow(logits *tensors.Tensor, length, pos int, row []float32) ([]float32, error) {
 	shape := logits.Shape()
 	if shape.Rank() != 3 || shape.Dim(0) != 1 || shape.Dim(1) != length || shape.Dim(2) <= 0 {
 		return nil, fmt.Errorf("generate: the model's first output is %s; want logits [batch=1, seq=%d, vocab] (a causal language model)",
@@ -287,6 +418,7 @@ func logitsAt(m *peft.Model, ids, mask []int32, pos int, row []float32) ([]float
 		row = make([]float32, vocab)
 	}
 	offset := pos * vocab
+	var err error
 	switch logits.DType() {
 	case dtypes.Float32:
 		err = tensors.ConstFlatData(logits, func(flat []float32) { copy(row, flat[offset:offset+vocab]) })

@@ -10,6 +10,28 @@
 // target patterns written for Hugging Face PEFT select the same layers here, and Hugging Face
 // checkpoints map onto it tensor by tensor. Linear weights are stored [in, out] (GoMLX's
 // layers.Dense layout), the transpose of PyTorch's.
+//
+// # Cached decoding
+//
+// Generation with a key/value cache (peft/generate's default): CausalLMPrefill runs the first ids
+// of a sequence and returns the keys and values of every layer with the logits; CausalLMStep runs
+// the next ids against that cache and returns it updated. Run them with peft.Model.CallFn so the method is active: their
+// logits equal CausalLM's on the whole sequence, for every method whose hooks are per token
+// (LoRA, DoRA, QLoRA, AdaLoRA, IA³, adapters) and for prompt and prefix tuning, which honour
+// peft.Inputs.Cached.
+//
+// The cache is two tensors, keys and values, each [layers, batch, length, kvHeads, headDim]
+// float32, rotary embedding applied; entry j holds the sequence's position j as the method
+// numbers it less Inputs.Past (prompt tuning's k virtual tokens take entries 0…k−1; prefix
+// tuning's P positions are never stored, its KeysValues puts them before the cache on every
+// call). Every row of the batch is at the same position (no left padding); padding after the
+// real ids of a prefill is written to the cache and overwritten by the steps after it, and no
+// query ever sees an entry after its own position, so it changes nothing.
+//
+// The pure-Go backend has no DynamicUpdateSlice, so new entries are written with a one-hot
+// matrix [batch, new, length] of their indices: cache·(1 − written) + oneHotᵀ·new, exact in
+// float32 (each entry is either kept or replaced by one product with 1). GoMLX compiles one
+// graph per input shape: one for the prefill length and one for the step length.
 package llama
 
 import (
@@ -203,16 +225,19 @@ func CausalLM(cfg Config) peft.ModelFn {
 	return func(ctx *context.Context, _ any, inputs []*graph.Node) []*graph.Node {
 		peft.SetTask(ctx, inputs[0].Graph(), peft.TaskCausalLM)
 		hidden, _ := Decoder(ctx, cfg, inputs)
-		var logits *graph.Node
-		if cfg.TieEmbeddings {
-			table := ctx.In("model").In("embed_tokens").GetVariableByScopeAndName(
-				ctx.In("model").In("embed_tokens").Scope(), "embeddings")
-			logits = graph.Einsum("bsd,vd->bsv", hidden, table.ValueGraph(hidden.Graph()))
-		} else {
-			logits = peft.OutputHead(ctx.In("lm_head"), hidden, cfg.VocabSize, false)
-		}
-		return []*graph.Node{logits}
+		return []*graph.Node{lmHead(ctx, cfg, hidden)}
 	}
+}
+
+// lmHead turns hidden states [batch, seq, hidden] into logits [batch, seq, vocab]: by the tied
+// embedding table or lm_head.
+func lmHead(ctx *context.Context, cfg Config, hidden *graph.Node) *graph.Node {
+	if cfg.TieEmbeddings {
+		table := ctx.In("model").In("embed_tokens").GetVariableByScopeAndName(
+			ctx.In("model").In("embed_tokens").Scope(), "embeddings")
+		return graph.Einsum("bsd,vd->bsv", hidden, table.ValueGraph(hidden.Graph()))
+	}
+	return peft.OutputHead(ctx.In("lm_head"), hidden, cfg.VocabSize, false)
 }
 
 // Classifier returns a sequence classifier: inputs as for CausalLM (right padding); the output
@@ -237,13 +262,7 @@ func Classifier(cfg Config, numLabels int) peft.ModelFn {
 func Decoder(ctx *context.Context, cfg Config, inputs []*graph.Node) (hidden, mask *graph.Node) {
 	ids := inputs[0]
 	g := ids.Graph()
-	if ids.Rank() != 2 {
-		panic(fmt.Sprintf("llama: token ids must be [batch, seq], got %s", ids.Shape()))
-	}
-	batch, seq := ids.Shape().Dim(0), ids.Shape().Dim(1)
-	if seq > cfg.MaxPositions {
-		panic(fmt.Sprintf("llama: sequence length %d exceeds max_position_embeddings %d", seq, cfg.MaxPositions))
-	}
+	batch, seq := idsShape(cfg, ids)
 	if len(inputs) > 1 && inputs[1] != nil {
 		mask = inputs[1]
 		if mask.DType() != dtypes.Bool {
@@ -252,22 +271,47 @@ func Decoder(ctx *context.Context, cfg Config, inputs []*graph.Node) (hidden, ma
 	} else {
 		mask = graph.Ones(g, shapes.Make(dtypes.Bool, batch, seq))
 	}
-	model := ctx.In("model")
-	embeddings := peft.Embedding(model.In("embed_tokens"), ids, cfg.VocabSize, cfg.HiddenSize, dtypes.Float32)
-	in := peft.EmbedInputs(model, &peft.Inputs{
-		Embeddings: embeddings,
-		Mask:       mask,
-		Positions:  graph.Iota(g, shapes.Make(dtypes.Int32, batch, seq), 1),
-		MaxLength:  cfg.MaxPositions,
+	in := embedInputs(ctx, cfg, ids, &peft.Inputs{
+		Mask:      mask,
+		Positions: graph.Iota(g, shapes.Make(dtypes.Int32, batch, seq), 1),
+		MaxLength: cfg.MaxPositions,
 	})
+	return blocks(ctx, cfg, in, attentionBias(cfg, in.Mask, in.Past), nil), mask
+}
+
+// idsShape checks that the token ids are [batch, seq] with seq within the model's positions and
+// returns batch and seq.
+func idsShape(cfg Config, ids *graph.Node) (batch, seq int) {
+	if ids.Rank() != 2 {
+		panic(fmt.Sprintf("llama: token ids must be [batch, seq], got %s", ids.Shape()))
+	}
+	batch, seq = ids.Shape().Dim(0), ids.Shape().Dim(1)
+	if seq > cfg.MaxPositions {
+		panic(fmt.Sprintf("llama: sequence length %d exceeds max_position_embeddings %d", seq, cfg.MaxPositions))
+	}
+	return batch, seq
+}
+
+// embedInputs embeds ids into in (whose mask, positions and maximum length the caller sets) and
+// hands the sequence to the active method (peft.EmbedInputs).
+func embedInputs(ctx *context.Context, cfg Config, ids *graph.Node, in *peft.Inputs) *peft.Inputs {
+	in.Embeddings = peft.Embedding(ctx.In("model").In("embed_tokens"), ids, cfg.VocabSize, cfg.HiddenSize, dtypes.Float32)
+	return peft.EmbedInputs(ctx.In("model"), in)
+}
+
+// blocks runs the transformer blocks and the final norm on the embedded inputs, attending with
+// the additive bias (attentionBias, cachedBias), and returns the hidden states after the method's
+// TrimOutputs. With a cache, each layer's keys and values are written into it and attention runs
+// over the cache.
+func blocks(ctx *context.Context, cfg Config, in *peft.Inputs, attnBias *graph.Node, cache *kvCache) *graph.Node {
+	model := ctx.In("model")
 	h := in.Embeddings
 	cos, sin := rotary(cfg, in.Positions)
-	attnBias := attentionBias(cfg, in.Mask, in.Past)
 	for i := range cfg.NumLayers {
 		layer := model.In("layers").In(strconv.Itoa(i))
 		x := rmsNorm(layer.In("input_layernorm"), h, cfg.RMSNormEps)
 		h = graph.Add(h, peft.SubBlock(layer.In("self_attn"), peft.Attention, x, func(x *graph.Node) *graph.Node {
-			return attention(layer.In("self_attn"), cfg, x, cos, sin, attnBias)
+			return attention(layer.In("self_attn"), cfg, x, cos, sin, attnBias, cache, i)
 		}))
 		x = rmsNorm(layer.In("post_attention_layernorm"), h, cfg.RMSNormEps)
 		h = graph.Add(h, peft.SubBlock(layer.In("mlp"), peft.FeedForward, x, func(x *graph.Node) *graph.Node {
@@ -275,7 +319,7 @@ func Decoder(ctx *context.Context, cfg Config, inputs []*graph.Node) (hidden, ma
 		}))
 	}
 	h = rmsNorm(model.In("norm"), h, cfg.RMSNormEps)
-	return peft.TrimOutputs(model, h), mask
+	return peft.TrimOutputs(model, h)
 }
 
 // rmsNorm is x·w/√(mean(x²)+eps) with the weight "weight" [hidden] in ctx's scope.
@@ -364,8 +408,9 @@ func attentionBias(cfg Config, mask *graph.Node, past int) *graph.Node {
 // attention is grouped-query attention in a heads-major layout: queries are scaled and moved to
 // [batch, kvHeads, group, seq, headDim] before the products, so that the scores come out of the
 // matrix product in the order the softmax and the bias use, and only the small per-head tensors
-// are ever transposed, never the [batch, heads, seq, seq] scores.
-func attention(ctx *context.Context, cfg Config, x, cos, sin, bias *graph.Node) *graph.Node {
+// are ever transposed, never the [batch, heads, seq, seq] scores. With a cache (not nil), the
+// layer's new keys and values are written into its entries and the queries attend over them all.
+func attention(ctx *context.Context, cfg Config, x, cos, sin, bias *graph.Node, cache *kvCache, layer int) *graph.Node {
 	batch, seq := x.Shape().Dim(0), x.Shape().Dim(1)
 	hd, kvHeads := cfg.HeadDim(), cfg.NumKVHeads
 	group := cfg.NumHeads / kvHeads
@@ -379,6 +424,9 @@ func attention(ctx *context.Context, cfg Config, x, cos, sin, bias *graph.Node) 
 	}
 	q = graph.MulScalar(applyRotary(q, cos, sin), 1/math.Sqrt(float64(hd)))
 	k = applyRotary(k, cos, sin)
+	if cache != nil {
+		k, v = cache.update(layer, k, v)
+	}
 	// A method may put key/value positions of its own before the sequence (prefix tuning); the
 	// bias covers them.
 	k, v = peft.AttentionKeysValues(ctx, k, v)
