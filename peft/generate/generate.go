@@ -112,6 +112,10 @@ type Config struct {
 	// Call does (see the package documentation). Default false: the cache is used where the
 	// model allows it. The ids are the same either way.
 	NoCache bool
+	// OnToken, when set, is called with each new id as soon as it is chosen, before the next is
+	// computed: for streaming it as it comes. Returning false ends the generation there (the id
+	// is kept, as a stop id is), as a client that went away or a stop string found does.
+	OnToken func(id int) bool
 }
 
 // Validate checks the configuration on its own, naming the first field that is wrong. What needs
@@ -326,7 +330,7 @@ func Generate(m *peft.Model, prompt []int, cfg Config) ([]int, error) {
 			return nil, fmt.Errorf("generate: generated id %d is outside the input vocabulary [0, %d)", next, embedVocab)
 		}
 		generated = append(generated, next)
-		if stop[next] {
+		if stop[next] || cfg.OnToken != nil && !cfg.OnToken(next) {
 			break
 		}
 		ids[n+step] = int32(next)

@@ -318,3 +318,17 @@ func TestSamplerTinyTemperatureAndTies(t *testing.T) {
 	require.Error(t, checkLogits([]float32{0, float32(math.Inf(1))}))
 	require.Error(t, checkLogits([]float32{negInf, negInf}))
 }
+
+// OnToken sees every new id in order as it is chosen, and returning false stops there.
+func TestOnToken(t *testing.T) {
+	m := newLM(t, nil)
+	want := generate(t, m, prompt, Config{MaxNewTokens: 8})
+	var seen []int
+	got := generate(t, m, prompt, Config{MaxNewTokens: 8, OnToken: func(id int) bool { seen = append(seen, id); return true }})
+	require.Equal(t, want, got)
+	require.Equal(t, want, seen)
+	seen = nil
+	got = generate(t, m, prompt, Config{MaxNewTokens: 8, OnToken: func(id int) bool { seen = append(seen, id); return len(seen) < 3 }})
+	require.Equal(t, want[:3], got)
+	require.Equal(t, want[:3], seen)
+}
