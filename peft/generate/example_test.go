@@ -69,3 +69,44 @@ func Example() {
 	// stop at 29: [28 61 29]
 	// sampled 8 ids; same seed, same ids: true
 }
+
+// Several prompts of different lengths in one batch, each with its own configuration: each row
+// gets the ids Generate gives it alone.
+func ExampleGenerateBatch() {
+	b, err := backend.Get()
+	if err != nil {
+		panic(err)
+	}
+	cfg := llama.Tiny()
+	ctx := context.New()
+	if err := llama.Init(ctx, cfg, 0, 1); err != nil {
+		panic(err)
+	}
+	m, err := peft.NewModel(b, ctx, llama.CausalLM(cfg), nil, shapes.Make(dtypes.Int32, 1, 16))
+	if err != nil {
+		panic(err)
+	}
+	prompts := [][]int{{1, 11, 13, 15}, {1}, {1, 5, 63, 8, 12, 19}}
+	cfgs := []generate.Config{
+		{MaxNewTokens: 8},                                       // greedy
+		{MaxNewTokens: 4, StopIDs: []int{29}},                   // greedy, ends early at a stop id or after 4
+		{MaxNewTokens: 6, Temperature: 0.8, TopK: 20, Seed: 42}, // sampled from its own seed
+	}
+	rows, err := generate.GenerateBatch(m, prompts, cfgs)
+	if err != nil {
+		panic(err) // a *generate.BatchError when some rows failed: one error per row
+	}
+	for i, ids := range rows {
+		alone, err := generate.Generate(m, prompts[i], cfgs[i])
+		if err != nil {
+			panic(err)
+		}
+		fmt.Printf("row %d: %d ids, as alone: %v\n", i, len(ids), slices.Equal(ids, alone))
+	}
+	fmt.Println("row 0:", rows[0])
+	// Output:
+	// row 0: 8 ids, as alone: true
+	// row 1: 4 ids, as alone: true
+	// row 2: 6 ids, as alone: true
+	// row 0: [28 61 29 37 49 54 27 59]
+}

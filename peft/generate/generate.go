@@ -43,6 +43,25 @@
 // logits closer than that could, rarely, be picked differently; NoCache reproduces the
 // cache-free path exactly.
 //
+// # Batches
+//
+// GenerateBatch runs several prompts in one batch, each row with its own Config (MaxNewTokens,
+// sampling and Seed, StopIDs, OnToken), and gives each row the ids Generate gives it alone. With
+// the cache it left-pads the prompts to the longest (then pads them all after it to a multiple of
+// 16 for the prefill) and passes each row's padding to llama.CausalLMPrefill and CausalLMStep, so
+// that each row's positions start at 0 at its first real token and its padding is masked out of
+// attention and never cached: each row's cache is the one it has alone, prompt tuning's virtual
+// tokens and prefix tuning's prefix before each row's own tokens. Each row samples from its own
+// random source (its Seed) and ends on its own; a row that has ended stays in the batch (its
+// logits unread) until the last one ends. The cache has room for the longest prompt plus
+// MaxNewTokens of any row, so the attention of a row sums over more (masked, zero-weight)
+// entries than alone: its logits agree with Generate's within float32 rounding (the tests check
+// the ids, greedy and sampled, for the base model, LoRA, prompt and prefix tuning). Rows that
+// cannot take the cache (Config.NoCache, a model or method the cache does not fit) run one after
+// another with Generate. In one run of BenchmarkGenerateBatch (pure-Go backend, two cores) a
+// batch of 8 prompts made 32 new tokens each 6.6× faster than 8 Generate calls (4035 against 613
+// tokens/s on stories260K).
+//
 // # Determinism
 //
 // Greedy decoding (Temperature 0, the default) takes the highest logit, the lowest id among
@@ -53,8 +72,8 @@
 // # Stop ids
 //
 // Generation stops right after emitting one of Config.StopIDs (an end-of-sequence id, say), and
-// that id is included in the result, as Hugging Face's generate includes the EOS token in the
-// generated ids.
+// that id is included in the result (and given to Config.OnToken), as Hugging Face's generate
+// includes the EOS token in the generated ids.
 //
 // # Prompt tuning
 //
@@ -112,8 +131,8 @@ type Config struct {
 	// Call does (see the package documentation). Default false: the cache is used where the
 	// model allows it. The ids are the same either way.
 	NoCache bool
-	// OnToken, when set, is called with each new id as soon as it is chosen, before the next is
-	// computed: for streaming it as it comes. Returning false ends the generation there (the id
+	// OnToken, when set, is called with each new id (a stop id too) as soon as it is chosen,
+	// before the next is computed: for streaming it as it comes. Returning false ends the generation there (the id
 	// is kept, as a stop id is), as a client that went away or a stop string found does.
 	OnToken func(id int) bool
 }
@@ -240,6 +259,57 @@ func Generate(m *peft.Model, prompt []int, cfg Config) ([]int, error) {
 	if m == nil {
 		return nil, fmt.Errorf("generate: nil model")
 	}
+	r, err := newRow(m, prompt, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if llamaCfg, ok := cachedConfig(m); ok && !cfg.NoCache {
+		if generateCached(m, llamaCfg, []*row{r}, r.length); r.err != nil {
+			return nil, r.err
+		}
+		return r.generated, nil
+	}
+	n, length := len(prompt), r.length
+	ids := make([]int32, length)
+	mask := make([]int32, length)
+	for i, id := range prompt {
+		ids[i] = int32(id)
+		mask[i] = 1
+	}
+	var logits []float32
+	for step := 0; ; step++ {
+		logits, err = logitsAt(m, ids, mask, n+step-1, logits)
+		if err != nil {
+			return nil, err
+		}
+		next, more, err := r.choose(step, logits)
+		if err != nil {
+			return nil, err
+		}
+		if !more {
+			return r.generated, nil
+		}
+		ids[n+step] = int32(next)
+		mask[n+step] = 1
+	}
+}
+
+// row is one sequence's generation: its checked prompt and configuration, its sampler, the ids
+// chosen so far and how it ended.
+type row struct {
+	prompt     []int
+	cfg        Config
+	length     int // its buffer length when generated alone: prompt plus MaxNewTokens, rounded
+	embedVocab int // the input vocabulary (0: unknown)
+	stop       map[int]bool
+	sampler    *sampler // nil: greedy
+	generated  []int
+	done       bool  // ended: MaxNewTokens, a stop id, OnToken or an error
+	err        error // why it failed, if it did
+}
+
+// newRow checks prompt and cfg against m (see Generate's errors) and prepares their generation.
+func newRow(m *peft.Model, prompt []int, cfg Config) (*row, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -273,70 +343,48 @@ func Generate(m *peft.Model, prompt []int, cfg Config) ([]int, error) {
 		return nil, fmt.Errorf("generate: the prompt (%d ids) plus MaxNewTokens (%d) is %d, more than the maximum length %d%s",
 			n, cfg.MaxNewTokens, total, limit, why)
 	}
-	length := bufferLength(total, limit)
-
-	ids := make([]int32, length)
-	mask := make([]int32, length)
-	for i, id := range prompt {
-		ids[i] = int32(id)
-		mask[i] = 1
-	}
-	stop := map[int]bool{}
+	r := &row{prompt: prompt, cfg: cfg, length: bufferLength(total, limit), embedVocab: embedVocab,
+		stop: map[int]bool{}, generated: make([]int, 0, cfg.MaxNewTokens)}
 	for _, id := range cfg.StopIDs {
-		stop[id] = true
+		r.stop[id] = true
 	}
-	var s *sampler
 	if cfg.Temperature > 0 {
-		s = newSampler(cfg.Temperature, cfg.TopK, cfg.TopP, peft.NewRand(cfg.Seed))
+		r.sampler = newSampler(cfg.Temperature, cfg.TopK, cfg.TopP, peft.NewRand(cfg.Seed))
 	}
-	logits := func(step int, row []float32) ([]float32, error) { return logitsAt(m, ids, mask, n+step-1, row) }
-	if llamaCfg, ok := cachedConfig(m); ok && !cfg.NoCache {
-		c := &cached{m: m, cfg: llamaCfg, room: length}
-		defer c.release()
-		logits = func(step int, row []float32) ([]float32, error) { return c.logits(ids, n, step, row) }
-	}
-	var row []float32
-	generated := make([]int, 0, cfg.MaxNewTokens)
-	for step := range cfg.MaxNewTokens {
-		pos := n + step - 1 // the last real token
-		var err error
-		row, err = logits(step, row)
-		if err != nil {
-			return nil, err
-		}
-		vocab := len(row)
-		if step == 0 {
-			for i, id := range prompt {
-				if id >= vocab {
-					return nil, fmt.Errorf("generate: prompt[%d] = %d is outside the vocabulary [0, %d)", i, id, vocab)
-				}
-			}
-			for _, id := range cfg.StopIDs {
-				if id >= vocab {
-					return nil, fmt.Errorf("generate: stop id %d is outside the vocabulary [0, %d)", id, vocab)
-				}
+	return r, nil
+}
+
+// choose picks the id of new token step from logits, the model's at the row's last token, and
+// appends it; more is false when that ends the row (MaxNewTokens, a stop id, OnToken returning
+// false).
+func (r *row) choose(step int, logits []float32) (next int, more bool, err error) {
+	vocab := len(logits)
+	if step == 0 {
+		for i, id := range r.prompt {
+			if id >= vocab {
+				return 0, false, fmt.Errorf("generate: prompt[%d] = %d is outside the vocabulary [0, %d)", i, id, vocab)
 			}
 		}
-		if err := checkLogits(row); err != nil {
-			return nil, fmt.Errorf("generate: logits at position %d (new token %d): %w", pos, step, err)
+		for _, id := range r.cfg.StopIDs {
+			if id >= vocab {
+				return 0, false, fmt.Errorf("generate: stop id %d is outside the vocabulary [0, %d)", id, vocab)
+			}
 		}
-		var next int
-		if s == nil {
-			next = argmax(row)
-		} else {
-			next = s.sample(row)
-		}
-		if embedVocab > 0 && next >= embedVocab {
-			return nil, fmt.Errorf("generate: generated id %d is outside the input vocabulary [0, %d)", next, embedVocab)
-		}
-		generated = append(generated, next)
-		if stop[next] || cfg.OnToken != nil && !cfg.OnToken(next) {
-			break
-		}
-		ids[n+step] = int32(next)
-		mask[n+step] = 1
 	}
-	return generated, nil
+	if err := checkLogits(logits); err != nil {
+		return 0, false, fmt.Errorf("generate: logits at position %d (new token %d): %w", len(r.prompt)+step-1, step, err)
+	}
+	if r.sampler == nil {
+		next = argmax(logits)
+	} else {
+		next = r.sampler.sample(logits)
+	}
+	if r.embedVocab > 0 && next >= r.embedVocab {
+		return 0, false, fmt.Errorf("generate: generated id %d is outside the input vocabulary [0, %d)", next, r.embedVocab)
+	}
+	r.generated = append(r.generated, next)
+	more = r.cfg.OnToken == nil || r.cfg.OnToken(next) // every id, a stop id too
+	return next, more && !r.stop[next] && len(r.generated) < r.cfg.MaxNewTokens, nil
 }
 
 // logitsAt runs m on the buffer and copies the logits at position pos into row (reused when it
@@ -351,53 +399,7 @@ func logitsAt(m *peft.Model, ids, mask []int32, pos int, row []float32) ([]float
 	if len(outputs) == 0 {
 		return nil, fmt.Errorf("generate: the model returned no outputs")
 	}
-	return readRow(outputs[0], length, pos, row)
-}
-
-// cached decodes with the key/value cache of a Llama-family model: the prefill at step 0, one
-// step of one token after it, keeping the cache between calls.
-type cached struct {
-	m            *peft.Model
-	cfg          llama.Config
-	room         int             // the cache's room in tokens: the buffer length
-	keys, values *tensors.Tensor // the cache after the last call; nil before the prefill
-}
-
-// logits returns into row the logits at position n+step−1 of ids (n prompt ids, then the ids
-// generated so far): the prefill runs the prompt (padded to a multiple of bufferMultiple), each
-// later step the one id generated last. Each executor (CallFn key) is for one input shape, so
-// that no executor outgrows GoMLX's limit of graphs per executor however many lengths a process
-// generates.
-func (c *cached) logits(ids []int32, n, step int, row []float32) ([]float32, error) {
-	var outputs []*tensors.Tensor
-	var err error
-	seq, pos := 1, 0
-	if step == 0 {
-		seq, pos = bufferLength(n, c.room), n-1
-		outputs, err = c.m.CallFn(fmt.Sprintf("generate.prefill/%d/%d", c.room, seq), llama.CausalLMPrefill(c.cfg, c.room),
-			tensors.FromFlatDataAndDimensions(ids[:seq], 1, seq))
-	} else {
-		start := n + step - 1
-		outputs, err = c.m.CallFn(fmt.Sprintf("generate.step/%d", c.room), llama.CausalLMStep(c.cfg),
-			tensors.FromFlatDataAndDimensions(ids[start:start+1], 1, 1), tensors.FromScalar(int32(start)), c.keys, c.values)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("generate: running the cached model on [1, %d] ids (step %d): %w", seq, step, err)
-	}
-	if len(outputs) != 3 {
-		finalize(outputs)
-		return nil, fmt.Errorf("generate: the cached model returned %d outputs, want logits, keys and values", len(outputs))
-	}
-	c.release()
-	c.keys, c.values = outputs[1], outputs[2]
-	defer finalize(outputs[:1])
-	return readRow(outputs[0], seq, pos, row)
-}
-
-// release frees the cache.
-func (c *cached) release() {
-	finalize([]*tensors.Tensor{c.keys, c.values})
-	c.keys, c.values = nil, nil
+	return readRow(outputs[0], 1, length, 0, pos, row)
 }
 
 // finalize frees the tensors' memory (nil ones are skipped).
@@ -409,19 +411,19 @@ func finalize(ts []*tensors.Tensor) {
 	}
 }
 
-// readRow copies the logits at position pos of logits [1, length, vocab] into row (reused when
-// it has the right length).
-func readRow(logits *tensors.Tensor, length, pos int, row []float32) ([]float32, error) {
+// readRow copies the logits of batch row b at position pos of logits [batch, length, vocab] into
+// row (reused when it has the right length).
+func readRow(logits *tensors.Tensor, batch, length, b, pos int, row []float32) ([]float32, error) {
 	shape := logits.Shape()
-	if shape.Rank() != 3 || shape.Dim(0) != 1 || shape.Dim(1) != length || shape.Dim(2) <= 0 {
-		return nil, fmt.Errorf("generate: the model's first output is %s; want logits [batch=1, seq=%d, vocab] (a causal language model)",
-			shape, length)
+	if shape.Rank() != 3 || shape.Dim(0) != batch || shape.Dim(1) != length || shape.Dim(2) <= 0 {
+		return nil, fmt.Errorf("generate: the model's first output is %s; want logits [batch=%d, seq=%d, vocab] (a causal language model)",
+			shape, batch, length)
 	}
 	vocab := shape.Dim(2)
 	if len(row) != vocab {
 		row = make([]float32, vocab)
 	}
-	offset := pos * vocab
+	offset := (b*length + pos) * vocab
 	var err error
 	switch logits.DType() {
 	case dtypes.Float32:

@@ -12,34 +12,45 @@ import (
 )
 
 // CausalLMPrefill returns the first call of cached decoding: inputs[0] are token ids
-// [batch, seq] int32 (seq ≤ maxLen), the start of every sequence. Its outputs are the logits
-// [batch, seq, vocab] (CausalLM's), then the keys and values [layers, batch, length, kvHeads,
-// headDim] of a cache with room for maxLen tokens, length = maxLen plus the positions the method
-// adds to the inputs (prompt tuning's virtual tokens). The method's added positions, their
-// tokens and positions past seq are CausalLMStep's to fill.
+// [batch, seq] int32 (seq ≤ maxLen), the start of every sequence, and inputs[1], optional, the
+// left padding of each row, pad [batch] int32: row b's first pad[b] ids are padding, its real
+// tokens start at column pad[b] and are numbered from position 0 there (absent or all zero: no
+// padding). Its outputs are the logits [batch, seq, vocab] (CausalLM's; those of padding columns
+// are meaningless), then the keys and values [layers, batch, length, kvHeads, headDim] of a cache
+// with room for maxLen tokens, length = maxLen plus the positions the method adds to the inputs
+// (prompt tuning's virtual tokens). Padding is never written to the cache. The method's added
+// positions, their tokens and positions past seq are CausalLMStep's to fill.
 func CausalLMPrefill(cfg Config, maxLen int) peft.ModelFn {
 	return func(ctx *context.Context, _ any, inputs []*graph.Node) []*graph.Node {
+		if len(inputs) != 1 && len(inputs) != 2 {
+			panic(fmt.Sprintf("llama.CausalLMPrefill: want 1 or 2 inputs (ids, optional pad), got %d", len(inputs)))
+		}
 		ids := inputs[0]
-		_, seq := idsShape(cfg, ids)
+		batch, seq := idsShape(cfg, ids)
 		if maxLen < seq {
 			panic(fmt.Sprintf("llama.CausalLMPrefill: %d token ids do not fit a cache of %d", seq, maxLen))
 		}
-		return cachedDecoder(ctx, cfg, ids, nil, nil, nil, maxLen)
+		var pad *graph.Node
+		if len(inputs) == 2 {
+			pad = padInput("llama.CausalLMPrefill", inputs[1], batch)
+		}
+		return cachedDecoder(ctx, cfg, ids, pad, nil, nil, nil, maxLen)
 	}
 }
 
 // CausalLMStep returns the later calls of cached decoding: inputs[0] are the next token ids
-// [batch, seq] int32, inputs[1] a scalar int32 start, the position of ids[:, 0] among the
-// sequence's tokens (the number of tokens before them: those given to the prefill and earlier
-// steps, padding excluded), inputs[2] and inputs[3] the keys and values of the cache returned by
-// the call before. The outputs are the logits [batch, seq, vocab] of the ids and the updated keys
-// and values, shaped as given. start + seq must stay within the cache's room; a start outside
-// it writes nowhere and attends to stale entries (the graph cannot check a run-time value: the
-// caller keeps count).
+// [batch, seq] int32, inputs[1] a scalar int32 start, the column of ids[:, 0] (the number of
+// columns before them: those given to the prefill, its padding included, and to earlier steps),
+// inputs[2] and inputs[3] the keys and values of the cache returned by the call before, and
+// inputs[4], optional, the rows' left padding pad [batch] int32 as given to the prefill, so that
+// row b's ids are at positions start−pad[b]… (absent: every row at start, no padding). The
+// outputs are the logits [batch, seq, vocab] of the ids and the updated keys and values, shaped as
+// given. start + seq must stay within the cache's room; a start outside it writes nowhere and
+// attends to stale entries (the graph cannot check a run-time value: the caller keeps count).
 func CausalLMStep(cfg Config) peft.ModelFn {
 	return func(ctx *context.Context, _ any, inputs []*graph.Node) []*graph.Node {
-		if len(inputs) != 4 {
-			panic(fmt.Sprintf("llama.CausalLMStep: want 4 inputs (ids, start, keys, values), got %d", len(inputs)))
+		if len(inputs) != 4 && len(inputs) != 5 {
+			panic(fmt.Sprintf("llama.CausalLMStep: want 4 or 5 inputs (ids, start, keys, values, optional pad), got %d", len(inputs)))
 		}
 		ids, start, keys, values := inputs[0], inputs[1], inputs[2], inputs[3]
 		batch, _ := idsShape(cfg, ids)
@@ -51,14 +62,28 @@ func CausalLMStep(cfg Config) peft.ModelFn {
 		if start.Rank() != 0 || !start.DType().IsInt() {
 			panic(fmt.Sprintf("llama.CausalLMStep: start must be an integer scalar, got %s", start.Shape()))
 		}
-		return cachedDecoder(ctx, cfg, ids, start, keys, values, 0)
+		var pad *graph.Node
+		if len(inputs) == 5 {
+			pad = padInput("llama.CausalLMStep", inputs[4], batch)
+		}
+		return cachedDecoder(ctx, cfg, ids, pad, start, keys, values, 0)
 	}
 }
 
+// padInput checks the left padding input, integers [batch], and returns it as int32.
+func padInput(fn string, pad *graph.Node, batch int) *graph.Node {
+	if pad.Rank() != 1 || pad.Shape().Dim(0) != batch || !pad.DType().IsInt() {
+		panic(fmt.Sprintf("%s: pad must be integers [batch=%d] (each row's left padding), got %s", fn, batch, pad.Shape()))
+	}
+	return graph.ConvertDType(pad, dtypes.Int32)
+}
+
 // cachedDecoder runs the decoder on ids with a cache: a fresh one of room maxLen when keys is nil
-// (the prefill), else the given one, continuing at start. It returns the logits and the updated
-// keys and values.
-func cachedDecoder(ctx *context.Context, cfg Config, ids, start, keys, values *graph.Node, maxLen int) []*graph.Node {
+// (the prefill), else the given one, continuing at column start. pad (nil: none) is each row's
+// left padding: a row's positions are its columns less its padding, and the columns before its
+// padding ends (negative positions) are masked out and written nowhere. It returns the logits and
+// the updated keys and values.
+func cachedDecoder(ctx *context.Context, cfg Config, ids, pad, start, keys, values *graph.Node, maxLen int) []*graph.Node {
 	g := ids.Graph()
 	peft.SetTask(ctx, g, peft.TaskCausalLM)
 	batch, seq := ids.Shape().Dim(0), ids.Shape().Dim(1)
@@ -66,8 +91,13 @@ func cachedDecoder(ctx *context.Context, cfg Config, ids, start, keys, values *g
 	if start != nil {
 		positions = graph.Add(positions, graph.BroadcastToDims(graph.ConvertDType(start, dtypes.Int32), batch, seq))
 	}
+	mask := graph.Ones(g, shapes.Make(dtypes.Bool, batch, seq))
+	if pad != nil {
+		positions = graph.Sub(positions, graph.BroadcastToDims(graph.Reshape(pad, batch, 1), batch, seq))
+		mask = graph.GreaterOrEqual(positions, graph.ZerosLike(positions))
+	}
 	in := embedInputs(ctx, cfg, ids, &peft.Inputs{
-		Mask:      graph.Ones(g, shapes.Make(dtypes.Bool, batch, seq)),
+		Mask:      mask,
 		Positions: positions,
 		MaxLength: cfg.MaxPositions,
 		Cached:    start != nil,
@@ -80,7 +110,11 @@ func cachedDecoder(ctx *context.Context, cfg Config, ids, start, keys, values *g
 		panic(fmt.Sprintf("llama: a cache of %d positions after %d of the method's exceeds max_position_embeddings %d",
 			length, in.Past, cfg.MaxPositions))
 	}
-	cache := newKVCache(cfg, graph.AddScalar(in.Positions, float64(-in.Past)), length, keys, values)
+	index := graph.AddScalar(in.Positions, float64(-in.Past))
+	if pad != nil { // padding writes nowhere: a one-hot of −1 is all zero
+		index = graph.Where(in.Mask, index, graph.AddScalar(graph.ZerosLike(index), -1))
+	}
+	cache := newKVCache(cfg, index, length, keys, values)
 	hidden := blocks(ctx, cfg, in, cachedBias(cfg, in.Positions, in.Past, length), cache)
 	return []*graph.Node{lmHead(ctx, cfg, hidden), graph.Stack(cache.keys, 0), graph.Stack(cache.values, 0)}
 }

@@ -24,9 +24,12 @@
 // float32, rotary embedding applied; entry j holds the sequence's position j as the method
 // numbers it less Inputs.Past (prompt tuning's k virtual tokens take entries 0…k−1; prefix
 // tuning's P positions are never stored, its KeysValues puts them before the cache on every
-// call). Every row of the batch is at the same position (no left padding); padding after the
-// real ids of a prefill is written to the cache and overwritten by the steps after it, and no
-// query ever sees an entry after its own position, so it changes nothing.
+// call). Rows of different lengths share a batch by left padding: the optional pad input [batch]
+// says how many columns of each row are padding; a row's positions start at 0 at its first real
+// token, its padding is masked out and written nowhere, so each row's cache is the one it would
+// have alone. Padding after the real ids of a prefill is written to the cache and overwritten by
+// the steps after it, and no query ever sees an entry after its own position, so it changes
+// nothing.
 //
 // The pure-Go backend has no DynamicUpdateSlice, so new entries are written with a one-hot
 // matrix [batch, new, length] of their indices: cache·(1 − written) + oneHotᵀ·new, exact in
