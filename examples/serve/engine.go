@@ -2,13 +2,18 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
+	"log"
 
 	"github.com/gomlx/gomlx/pkg/core/shapes"
+	"github.com/gomlx/gomlx/pkg/core/tensors"
 	gomlxcontext "github.com/gomlx/gomlx/pkg/ml/context"
 	"github.com/gomlx/gopjrt/dtypes"
 
+	"peft/lora/combine"
+	"peft/lora/multi"
 	"peft/peft"
 	"peft/peft/backend"
 	"peft/peft/generate"
@@ -17,9 +22,8 @@ import (
 )
 
 // engine runs generations. The scheduler is its only caller, from one goroutine, so an
-// implementation needs no locking of its own. It is the seam where a batched engine (named
-// adapters in slots of one model, mixed-adapter batches in one graph, a KV cache) replaces
-// serialEngine without the HTTP layer changing.
+// implementation needs no locking of its own; batchEngine is the one the server runs, and the
+// scheduler's tests run a fake.
 type engine interface {
 	// models lists the names a request may give: the base model's first, then the adapters'.
 	models() []string
@@ -52,23 +56,26 @@ type adapterSpec struct {
 	name, dir string
 }
 
-// serialEngine is today's engine: one peft.Model per served name (the base alone, and the base
-// with each adapter applied by methods.Apply, each on its own context loaded with the base's
-// weights), one request at a time, each with generate.Generate. It costs the base's weights
-// once per adapter, which is nothing for the small models of this SDK.
-//
-// Each request is one generate.Generate call (with its key/value cache), whose OnToken streams
-// every id as it is made: the ids, sampled ones included, are those examples/generate gives.
-type serialEngine struct {
-	names  []string
-	byName map[string]*peft.Model
+// batchEngine serves the base model and its LoRA adapters from one lora/multi model, each
+// adapter in a slot of its own, so that a batch mixes them in one graph; any other adapter
+// (DoRA, IA³, prompt or prefix tuning, LoRA with modules to save, ...) runs on its own copy of the
+// base, loaded with methods.Apply. A batch of requests runs as one generate.GenerateBatchVia for
+// the rows the multi model serves and one generate.GenerateBatch per other model, each row with
+// its own prompt length, options and OnToken streaming its ids as they are made; every row's ids,
+// sampled ones included, are those examples/generate gives for the same request.
+type batchEngine struct {
+	names   []string
+	served  *multi.Model           // the base and the LoRA adapters
+	inSlots map[string]string      // served name → slot name ("" for the base)
+	own     map[string]*peft.Model // the other adapters
+	batch   int
 }
 
 // loadEngine loads the base model from fsys (a Hugging Face folder of any family peft/llama
 // reads, named baseName in requests and recorded as basePath in the contexts, as
-// examples/generate does) and each adapter on its own copy of it. It returns the base's
-// configuration too.
-func loadEngine(fsys fs.FS, baseName, basePath string, adapters []adapterSpec) (*serialEngine, llama.Config, error) {
+// examples/generate does) with a slot for every LoRA adapter, and each other adapter on its own
+// copy of the base. It returns the base's configuration too.
+func loadEngine(fsys fs.FS, baseName, basePath string, adapters []adapterSpec, maxBatch int) (*batchEngine, llama.Config, error) {
 	b, err := backend.Get()
 	if err != nil {
 		return nil, llama.Config{}, err
@@ -83,19 +90,39 @@ func loadEngine(fsys fs.FS, baseName, basePath string, adapters []adapterSpec) (
 		peft.NameBaseModel(ctx, basePath)
 		return ctx, cfg, nil
 	}
-	e := &serialEngine{byName: map[string]*peft.Model{}}
+	// Slots for the adapters that are plain LoRA, as large as the largest rank.
+	slotted := map[string]bool{}
+	slots := multi.DefaultConfig()
+	slots.Slots, slots.MaxRank = 0, 1
+	for _, a := range adapters {
+		if f, err := combine.ReadFolder(a.dir); err == nil && len(f.Config.ModulesToSave) == 0 {
+			slotted[a.name] = true
+			slots.Slots, slots.MaxRank = slots.Slots+1, max(slots.MaxRank, f.Rank)
+		}
+	}
+	slots.Slots = max(slots.Slots, 1)
 	ctx, cfg, err := load()
 	if err != nil {
 		return nil, cfg, err
 	}
-	base, err := peft.NewModel(b, ctx, llama.CausalLM(cfg), nil, example...)
+	served, err := multi.NewModel(b, ctx, llama.CausalLM(cfg), slots, example...)
 	if err != nil {
 		return nil, cfg, err
 	}
-	e.names, e.byName[baseName] = []string{baseName}, base
+	e := &batchEngine{names: []string{baseName}, served: served, inSlots: map[string]string{baseName: ""},
+		own: map[string]*peft.Model{}, batch: maxBatch}
 	for _, a := range adapters {
-		if _, dup := e.byName[a.name]; dup {
+		if _, dup := e.inSlots[a.name]; dup || e.own[a.name] != nil {
 			return nil, cfg, fmt.Errorf("-adapter %s=%s: the name %q is already served", a.name, a.dir, a.name)
+		}
+		e.names = append(e.names, a.name)
+		if slotted[a.name] {
+			err := served.Load(a.name, a.dir)
+			if err == nil {
+				e.inSlots[a.name] = a.name
+				continue
+			}
+			log.Printf("serve: %s runs on its own copy of the base, not in a slot: %v", a.name, err)
 		}
 		ctx, adapterCfg, err := load()
 		if err != nil {
@@ -105,19 +132,27 @@ func loadEngine(fsys fs.FS, baseName, basePath string, adapters []adapterSpec) (
 		if err != nil {
 			return nil, cfg, fmt.Errorf("-adapter %s=%s: %w", a.name, a.dir, err)
 		}
-		e.names, e.byName[a.name] = append(e.names, a.name), m
+		e.own[a.name] = m
 	}
 	return e, cfg, nil
 }
 
-func (e *serialEngine) models() []string { return e.names }
+func (e *batchEngine) models() []string { return e.names }
 
-func (e *serialEngine) maxBatch() int { return 1 }
+func (e *batchEngine) maxBatch() int { return e.batch }
+
+// model returns the peft.Model that runs the named model's rows.
+func (e *batchEngine) model(name string) *peft.Model {
+	if m := e.own[name]; m != nil {
+		return m
+	}
+	return e.served.PEFT()
+}
 
 // maxLength is what generate.Generate allows: the layout's maximum length less the virtual
 // tokens of prompt or prefix tuning.
-func (e *serialEngine) maxLength(model string) int {
-	m := e.byName[model]
+func (e *batchEngine) maxLength(model string) int {
+	m := e.model(model)
 	layout := m.Layout()
 	if layout == nil || layout.MaxLength <= 0 {
 		return 0
@@ -129,24 +164,50 @@ func (e *serialEngine) maxLength(model string) int {
 	return max(limit, 1)
 }
 
-func (e *serialEngine) generate(reqs []request, emit func(row, id int) bool) []error {
+// generate runs the rows of the slotted models as one batch, then each other model's rows as a
+// batch of their own.
+func (e *batchEngine) generate(reqs []request, emit func(row, id int) bool) []error {
 	errs := make([]error, len(reqs))
+	groups := map[string][]int{} // "" for the slotted rows, else the model's name
 	for row, r := range reqs {
-		errs[row] = e.run(r, func(id int) bool { return emit(row, id) })
+		switch _, slotted := e.inSlots[r.model]; {
+		case slotted:
+			groups[""] = append(groups[""], row)
+		case e.own[r.model] != nil:
+			groups[r.model] = append(groups[r.model], row)
+		default:
+			errs[row] = fmt.Errorf("unknown model %q", r.model)
+		}
+	}
+	for group, rows := range groups {
+		prompts, cfgs := make([][]int, len(rows)), make([]generate.Config, len(rows))
+		slotNames := make([]string, len(rows))
+		for j, row := range rows {
+			r := reqs[row]
+			prompts[j], cfgs[j], slotNames[j] = r.prompt, r.cfg, e.inSlots[r.model]
+			cfgs[j].OnToken = func(id int) bool { return r.ctx.Err() == nil && emit(row, id) }
+		}
+		var err error
+		if group == "" {
+			call := func(key string, fn peft.ModelFn, inputs ...*tensors.Tensor) ([]*tensors.Tensor, error) {
+				return e.served.CallFn(key, fn, slotNames, inputs...)
+			}
+			_, err = generate.GenerateBatchVia(e.served.PEFT(), call, prompts, cfgs)
+		} else {
+			_, err = generate.GenerateBatch(e.own[group], prompts, cfgs)
+		}
+		var batchErr *generate.BatchError
+		for j, row := range rows {
+			switch {
+			case errors.As(err, &batchErr):
+				errs[row] = batchErr.Rows[j]
+			case err != nil:
+				errs[row] = err
+			}
+			if errs[row] == nil {
+				errs[row] = reqs[row].ctx.Err()
+			}
+		}
 	}
 	return errs
-}
-
-// run steps one request to its end.
-func (e *serialEngine) run(r request, emit func(id int) bool) error {
-	m, found := e.byName[r.model]
-	if !found {
-		return fmt.Errorf("unknown model %q", r.model)
-	}
-	cfg := r.cfg
-	cfg.OnToken = func(id int) bool { return r.ctx.Err() == nil && emit(id) }
-	if _, err := generate.Generate(m, r.prompt, cfg); err != nil {
-		return err
-	}
-	return r.ctx.Err()
 }

@@ -17,10 +17,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gomlx/gomlx/pkg/core/shapes"
+	gomlxcontext "github.com/gomlx/gomlx/pkg/ml/context"
+	"github.com/gomlx/gopjrt/dtypes"
 	"github.com/stretchr/testify/require"
 
 	"peft/lora"
 	"peft/peft"
+	"peft/peft/backend"
+	"peft/peft/llama"
+	"peft/peft/methods"
 	"peft/peft/pefttest"
 	"peft/peft/stories260k"
 	"peft/prompttuning"
@@ -57,7 +63,7 @@ var (
 // fixture loads the embedded stories260K with two random LoRAs (B drawn with seeds 1 and 2) and a
 // prompt tuning of 20 random virtual tokens (N(0, 3²)), saved as adapter folders and loaded
 // back by the server's own loader (once per test binary).
-func fixture(t *testing.T) (*serialEngine, *textModel) {
+func fixture(t *testing.T) (*batchEngine, *textModel) {
 	t.Helper()
 	fixtureOnce.Do(func() {
 		var specs []adapterSpec
@@ -81,7 +87,40 @@ func fixture(t *testing.T) (*serialEngine, *textModel) {
 		require.NoError(t, err)
 	})
 	require.NotNil(t, fixtureSrv, "the fixture failed to load in an earlier test")
-	return fixtureSrv.eng.(*serialEngine), fixtureSrv.text
+	return fixtureSrv.eng.(*batchEngine), fixtureSrv.text
+}
+
+var (
+	aloneMu sync.Mutex
+	alone   = map[string]*peft.Model{}
+)
+
+// aloneModel is the served name's model built independently of the server: the embedded
+// stories260K alone, or with the adapter folder applied by methods.Apply (one model per name,
+// built once): what a served request must agree with.
+func aloneModel(t *testing.T, name string) *peft.Model {
+	t.Helper()
+	aloneMu.Lock()
+	defer aloneMu.Unlock()
+	if m := alone[name]; m != nil {
+		return m
+	}
+	b, err := backend.Get()
+	require.NoError(t, err)
+	ctx := gomlxcontext.New()
+	cfg, err := llama.LoadPretrainedFS(ctx, stories260k.FS())
+	require.NoError(t, err)
+	peft.NameBaseModel(ctx, stories260k.Name)
+	example := shapes.Make(dtypes.Int32, 1, 1)
+	var m *peft.Model
+	if name == baseName {
+		m, err = peft.NewModel(b, ctx, llama.CausalLM(cfg), nil, example)
+	} else {
+		m, err = methods.Apply(b, ctx, llama.CausalLM(cfg), filepath.Join(fixtureDir, name), []shapes.Shape{example})
+	}
+	require.NoError(t, err)
+	alone[name] = m
+	return m
 }
 
 func saveAdapter(t *testing.T, name string, m *peft.Model) adapterSpec {

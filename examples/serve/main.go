@@ -43,12 +43,12 @@
 // taking up to engine.maxBatch() queued requests at a time (of any adapters) into one call of
 // the engine. Parallel generations on the shared cores would only slow each other, and a
 // batched engine needs one owner of its slots, so nothing else touches the models. The engine
-// is a small interface (models, maxLength, maxBatch, generate with a per-token emit); today's
-// implementation, serialEngine, holds one peft.Model per name (methods.Apply on its own context
-// loaded with the base) and runs generate.Generate (with its key/value cache, streaming through
-// Config.OnToken) one request at a time. A batched engine (named LoRA adapters in slots of one
-// model, mixed-adapter rows in one graph) replaces it behind the same interface, the HTTP layer
-// unchanged.
+// is a small interface (models, maxLength, maxBatch, generate with a per-token emit). Its
+// implementation, batchEngine, serves the base and every plain LoRA adapter from one lora/multi
+// model (each adapter in a slot: a batch mixes them in one graph, with the key/value cache, each
+// row's prompt length and options its own) and any other adapter (DoRA, IA³, prompt or prefix
+// tuning) on its own copy of the base (methods.Apply), batched by adapter; up to -max-batch
+// requests run together, each streaming through generate.Config.OnToken.
 package main
 
 import (
@@ -97,6 +97,7 @@ func main() {
 	flag.Int64Var(&cfg.MaxBodyBytes, "max-body", cfg.MaxBodyBytes, "largest request body in bytes")
 	flag.IntVar(&cfg.MaxTokens, "max-tokens", cfg.MaxTokens, "ceiling of a request's max_tokens")
 	flag.IntVar(&cfg.QueueSize, "queue", cfg.QueueSize, "requests that may wait for the scheduler")
+	flag.IntVar(&cfg.MaxBatch, "max-batch", cfg.MaxBatch, "most requests generated together in one batch, of any adapters")
 	flag.DurationVar(&cfg.RequestTimeout, "request-timeout", cfg.RequestTimeout, "longest a request may take, queueing included")
 	flag.DurationVar(&cfg.ShutdownTimeout, "shutdown-timeout", cfg.ShutdownTimeout, "how long a shutdown waits for requests in flight")
 	flag.Parse()
@@ -142,7 +143,7 @@ func load(modelDir, name string, adapters []adapterSpec, cfg Config) (*server, e
 
 // loadFS is load for a model folder fsys at path.
 func loadFS(fsys fs.FS, name, path string, adapters []adapterSpec, cfg Config) (*server, error) {
-	eng, llamaCfg, err := loadEngine(fsys, name, path, adapters)
+	eng, llamaCfg, err := loadEngine(fsys, name, path, adapters, cfg.MaxBatch)
 	if err != nil {
 		return nil, err
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"io/fs"
 	"net/http"
@@ -86,7 +87,7 @@ func TestModelPicksAdapter(t *testing.T) {
 	for _, name := range eng.models() {
 		c := r.complete(t, "/v1/completions", greedy(name, 12, map[string]any{"prompt": storyPrompt}))
 		require.Equal(t, name, c.Model)
-		ids, err := generate.Generate(eng.byName[name], prompt, generate.Config{MaxNewTokens: 12, StopIDs: text.stopIDs})
+		ids, err := generate.Generate(aloneModel(t, name), prompt, generate.Config{MaxNewTokens: 12, StopIDs: text.stopIDs})
 		require.NoError(t, err)
 		require.Equal(t, text.continuation(text.decode(prompt), prompt, ids), c.text(), name)
 		texts[name] = c.text()
@@ -120,7 +121,7 @@ func TestChatCompletion(t *testing.T) {
 	require.Equal(t, "<s>system: You tell stories.\nuser: Tell me one about a cat.\nassistant:", rendered)
 	prompt := text.tok.EncodeNoSpecial(rendered)
 	require.Equal(t, 1, prompt[0], "the template's <s> is the BOS id")
-	ids, err := generate.Generate(eng.byName[loraA], prompt, generate.Config{MaxNewTokens: 10, StopIDs: text.chatStopIDs})
+	ids, err := generate.Generate(aloneModel(t, loraA), prompt, generate.Config{MaxNewTokens: 10, StopIDs: text.chatStopIDs})
 	require.NoError(t, err)
 	require.Equal(t, text.continuation(text.decode(prompt), prompt, ids), c.text())
 	require.Equal(t, len(prompt), c.Usage.PromptTokens)
@@ -342,4 +343,33 @@ func TestDuplicateAdapterName(t *testing.T) {
 	fixture(t) // saves the adapters
 	_, err := load("", "", []adapterSpec{{name: loraA, dir: filepath.Join(fixtureDir, loraA)}, {name: loraA, dir: filepath.Join(fixtureDir, loraB)}}, DefaultConfig())
 	require.ErrorContains(t, err, `the name "lora-a" is already served`)
+}
+
+// One engine call with rows of both LoRA adapters, the base and prompt tuning, prompts of
+// different lengths and options of their own, gives every row the ids of its model alone: the
+// slotted rows run as one mixed batch, prompt tuning's as a batch of its own.
+func TestEngineMixesAdaptersInOneBatch(t *testing.T) {
+	eng, text := fixture(t)
+	require.GreaterOrEqual(t, eng.maxBatch(), 4)
+	require.Equal(t, map[string]string{baseName: "", loraA: loraA, loraB: loraB}, eng.inSlots, "the LoRA adapters sit in slots")
+	stories := []string{storyPrompt, "The cat", "One day, a little dog named Max", "Lily"}
+	models := []string{loraA, baseName, loraB, promptTune}
+	reqs := make([]request, len(models))
+	for i, name := range models {
+		prompt, err := text.encode(stories[i])
+		require.NoError(t, err)
+		cfg := generate.Config{MaxNewTokens: 6 + i, StopIDs: text.stopIDs}
+		if i%2 == 1 {
+			cfg.Temperature, cfg.Seed = 0.8, uint64(i)
+		}
+		reqs[i] = request{ctx: context.Background(), model: name, prompt: prompt, cfg: cfg}
+	}
+	got := make([][]int, len(reqs))
+	errs := eng.generate(reqs, func(row, id int) bool { got[row] = append(got[row], id); return true })
+	for i, r := range reqs {
+		require.NoError(t, errs[i], models[i])
+		want, err := generate.Generate(aloneModel(t, r.model), r.prompt, r.cfg)
+		require.NoError(t, err)
+		require.Equal(t, want, got[i], "row %d (%s)", i, r.model)
+	}
 }

@@ -31,6 +31,8 @@ type Config struct {
 	DefaultMaxTokens int
 	// QueueSize is how many requests may wait for the scheduler (default 64); more is 503.
 	QueueSize int
+	// MaxBatch is the most requests generated together in one batch, of any adapters (default 8).
+	MaxBatch int
 	// RequestTimeout ends a generation that runs longer, queueing included (default 2 min).
 	RequestTimeout time.Duration
 	// ReadHeaderTimeout, ReadTimeout and IdleTimeout are http.Server's (defaults 5 s, 30 s,
@@ -44,7 +46,7 @@ type Config struct {
 // DefaultConfig returns the defaults documented on Config's fields.
 func DefaultConfig() Config {
 	return Config{
-		MaxBodyBytes: 1 << 20, MaxTokens: 256, DefaultMaxTokens: 16, QueueSize: 64,
+		MaxBodyBytes: 1 << 20, MaxTokens: 256, DefaultMaxTokens: 16, QueueSize: 64, MaxBatch: 8,
 		RequestTimeout: 2 * time.Minute, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 30 * time.Second,
 		IdleTimeout: 2 * time.Minute, ShutdownTimeout: time.Minute,
 	}
@@ -61,6 +63,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("serve: DefaultMaxTokens must be in [1, MaxTokens %d], got %d", c.MaxTokens, c.DefaultMaxTokens)
 	case c.QueueSize <= 0:
 		return fmt.Errorf("serve: QueueSize must be > 0, got %d", c.QueueSize)
+	case c.MaxBatch <= 0:
+		return fmt.Errorf("serve: MaxBatch must be > 0, got %d", c.MaxBatch)
 	}
 	for _, d := range []struct {
 		name string

@@ -21,6 +21,7 @@ import (
 	"peft/lora/multi"
 	"peft/peft"
 	"peft/peft/backend"
+	"peft/peft/generate"
 	"peft/peft/llama"
 	"peft/peft/pefttest"
 	"peft/peft/stories260k"
@@ -576,4 +577,44 @@ func BenchmarkOneAdapterAtATime(b *testing.B) {
 	for range b.N {
 		run()
 	}
+}
+
+// Generation with one adapter per row: generate.GenerateBatchVia through the model's CallFn with
+// the rows gives each row exactly the ids generate.Generate gives it on an ordinary model with
+// that adapter (or the base) alone, prompts of different lengths in one batch.
+func TestGenerateMixedBatch(t *testing.T) {
+	dirs := saveAdapters(t, t.TempDir())
+	m := newServed(t, multi.DefaultConfig())
+	for _, name := range []string{"a", "c"} {
+		require.NoError(t, m.Load(name, dirs[name]))
+	}
+	rows := []string{"a", "", "c", "a"}
+	prompts := [][]int{{1, 5, 9}, {1, 7}, {1, 3, 3, 8, 20, 11}, {1}}
+	cfgs := make([]generate.Config, len(rows))
+	for i := range cfgs {
+		cfgs[i] = generate.Config{MaxNewTokens: 6 + i}
+	}
+	call := func(key string, fn peft.ModelFn, inputs ...*tensors.Tensor) ([]*tensors.Tensor, error) {
+		return m.CallFn(key, fn, rows, inputs...)
+	}
+	got, err := generate.GenerateBatchVia(m.PEFT(), call, prompts, cfgs)
+	require.NoError(t, err)
+	for i, name := range rows {
+		var method peft.Method
+		if name != "" {
+			l, err := lora.New(adapters[name])
+			require.NoError(t, err)
+			method = l
+		}
+		alone := newTinyBase(t, 1, method, 1)
+		if name != "" {
+			require.NoError(t, alone.Load(dirs[name]))
+		}
+		want, err := generate.Generate(alone, prompts[i], cfgs[i])
+		require.NoError(t, err)
+		require.Equal(t, want, got[i], "row %d (%q)", i, name)
+	}
+	base, err := generate.Generate(newTinyBase(t, 1, nil, 1), prompts[0], cfgs[0])
+	require.NoError(t, err)
+	require.NotEqual(t, base, got[0], "adapter a changes the text (else the check proves little)")
 }

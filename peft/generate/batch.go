@@ -23,6 +23,21 @@ func GenerateBatch(m *peft.Model, prompts [][]int, cfgs []Config) ([][]int, erro
 	if m == nil {
 		return nil, errors.New("generate: nil model")
 	}
+	return GenerateBatchVia(m, m.CallFn, prompts, cfgs)
+}
+
+// CallFunc runs a model function over a model's variables with its method active, as
+// peft.Model.CallFn does: what the cached passes of a batch go through.
+type CallFunc func(key string, fn peft.ModelFn, inputs ...*tensors.Tensor) ([]*tensors.Tensor, error)
+
+// GenerateBatchVia is GenerateBatch with the cached passes run through call instead of
+// m.CallFn: for models that take more per call than the ids, such as lora/multi's, whose call
+// names each row's adapter (m, its peft.Model, still gives the layout and configuration).
+// Rows that fall back to the cache-free path run through m.Call.
+func GenerateBatchVia(m *peft.Model, call CallFunc, prompts [][]int, cfgs []Config) ([][]int, error) {
+	if m == nil || call == nil {
+		return nil, errors.New("generate: nil model or call function")
+	}
 	if len(prompts) != len(cfgs) {
 		return nil, fmt.Errorf("generate: %d prompts and %d configurations: give one configuration per prompt", len(prompts), len(cfgs))
 	}
@@ -46,7 +61,7 @@ func GenerateBatch(m *peft.Model, prompts [][]int, cfgs []Config) ([][]int, erro
 		room = max(room, r.length)
 	}
 	if len(rows) > 0 {
-		generateCached(m, llamaCfg, rows, room)
+		generateCached(call, llamaCfg, rows, room)
 	}
 	for j, r := range rows {
 		if errs[index[j]] = r.err; r.err == nil {
@@ -97,7 +112,7 @@ func (e *BatchError) Unwrap() []error {
 //
 // Each executor (CallFn key) is for one input shape, so that no executor outgrows GoMLX's limit
 // of graphs per executor however many lengths a process generates.
-func generateCached(m *peft.Model, cfg llama.Config, rows []*row, room int) {
+func generateCached(call CallFunc, cfg llama.Config, rows []*row, room int) {
 	batch, width := len(rows), 0
 	for _, r := range rows {
 		width = max(width, len(r.prompt))
@@ -129,10 +144,10 @@ func generateCached(m *peft.Model, cfg llama.Config, rows []*row, room int) {
 		length, pos := 1, 0
 		if step == 0 {
 			length, pos = seq, width-1
-			outputs, err = m.CallFn(fmt.Sprintf("generate.prefill/%d/%d/%d", batch, room, seq), llama.CausalLMPrefill(cfg, room),
+			outputs, err = call(fmt.Sprintf("generate.prefill/%d/%d/%d", batch, room, seq), llama.CausalLMPrefill(cfg, room),
 				tensors.FromFlatDataAndDimensions(ids, batch, seq), padding)
 		} else {
-			outputs, err = m.CallFn(fmt.Sprintf("generate.step/%d/%d", batch, room), llama.CausalLMStep(cfg),
+			outputs, err = call(fmt.Sprintf("generate.step/%d/%d", batch, room), llama.CausalLMStep(cfg),
 				tensors.FromFlatDataAndDimensions(next, batch, 1), tensors.FromScalar(int32(width+step-1)), keys, values, padding)
 		}
 		if err != nil {

@@ -264,7 +264,7 @@ func Generate(m *peft.Model, prompt []int, cfg Config) ([]int, error) {
 		return nil, err
 	}
 	if llamaCfg, ok := cachedConfig(m); ok && !cfg.NoCache {
-		if generateCached(m, llamaCfg, []*row{r}, r.length); r.err != nil {
+		if generateCached(m.CallFn, llamaCfg, []*row{r}, r.length); r.err != nil {
 			return nil, r.err
 		}
 		return r.generated, nil
