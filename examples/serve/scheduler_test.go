@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -119,8 +120,13 @@ func TestQueueFull(t *testing.T) {
 	queued := r.postAsync(t, loraB)
 	waitQueued(t, r, 1)
 
-	status, data := r.post(t, "/v1/completions", greedy(baseName, 4, map[string]any{"prompt": storyPrompt}))
-	require.Equal(t, http.StatusServiceUnavailable, status)
+	resp, err := r.client.Post(r.url+"/v1/completions", "application/json", bytes.NewReader(encode(t, greedy(baseName, 4, map[string]any{"prompt": storyPrompt}))))
+	require.NoError(t, err)
+	data, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusServiceUnavailable, resp.StatusCode)
+	require.Equal(t, "1", resp.Header.Get("Retry-After"))
 	var e apiErrorBody
 	require.NoError(t, json.Unmarshal(data, &e))
 	require.Equal(t, "server_error", e.Error.Type)

@@ -122,13 +122,16 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	defer cancel()
 	err := srv.Shutdown(shutdownCtx)
 	if err != nil {
-		err = errors.Join(err, srv.Close())
+		err = errors.Join(fmt.Errorf("shutdown: requests still in flight after -shutdown-timeout %v were cut off: %w", s.cfg.ShutdownTimeout, err), srv.Close())
 	}
 	if serveErr := <-served; !errors.Is(serveErr, http.ErrServerClosed) {
 		err = errors.Join(err, serveErr)
 	}
 	return err
 }
+
+// chatRoles are the message roles OpenAI's chat API takes.
+var chatRoles = []string{"system", "developer", "user", "assistant", "tool"}
 
 // handler routes the API. Every error, unknown paths and methods included, is OpenAI's JSON
 // error shape.
@@ -406,8 +409,8 @@ func (s *server) chatCompletions(w http.ResponseWriter, r *http.Request) {
 			return nil, badField("messages", "is required (a list of {role, content})")
 		}
 		for i, m := range req.Messages {
-			if m.Role == "" {
-				return nil, badField(fmt.Sprintf("messages[%d].role", i), "is required (system, user or assistant)")
+			if !slices.Contains(chatRoles, m.Role) {
+				return nil, badField(fmt.Sprintf("messages[%d].role", i), "must be one of %s, got %q", strings.Join(chatRoles, ", "), m.Role)
 			}
 		}
 		ids, err := s.text.encodeChat(req.Messages)
@@ -466,6 +469,7 @@ func (s *server) respond(w http.ResponseWriter, r *http.Request, g *generation, 
 	g.req.ctx = ctx
 	j := newJob(g.req, s.text, g.stops)
 	if !s.sched.submit(j) {
+		w.Header().Set("Retry-After", "1")
 		writeError(w, &apiError{status: http.StatusServiceUnavailable, code: "queue_full",
 			msg: fmt.Sprintf("the server is busy: %d requests are waiting; retry later", s.cfg.QueueSize)})
 		return
