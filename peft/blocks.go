@@ -69,9 +69,7 @@ func linear(ctx *context.Context, x *graph.Node, outDim int, useBias, head bool)
 	a := activeFor(ctx, g)
 	if a != nil && a.trace != nil {
 		a.trace.Linears = append(a.trace.Linears, layer)
-		if layer.Layer >= a.trace.NumLayers {
-			a.trace.NumLayers = layer.Layer + 1
-		}
+		a.trace.countLayer(layer.Layer)
 	}
 	if a != nil && a.method != nil {
 		if hook, ok := a.method.(LinearHook); ok {
@@ -115,9 +113,7 @@ func SubBlock(ctx *context.Context, kind SubBlockKind, input *graph.Node, fn fun
 	}
 	if a.trace != nil {
 		a.trace.SubBlocks = append(a.trace.SubBlocks, site)
-		if site.Layer >= a.trace.NumLayers {
-			a.trace.NumLayers = site.Layer + 1
-		}
+		a.trace.countLayer(site.Layer)
 	}
 	if hook, ok := a.method.(SubBlockHook); ok {
 		return hook.SubBlock(ctx, site, input, output)
@@ -192,9 +188,7 @@ func AttentionKeysValues(ctx *context.Context, keys, values *graph.Node) (*graph
 	}
 	if a.trace != nil {
 		a.trace.Attentions = append(a.trace.Attentions, site)
-		if site.Layer >= a.trace.NumLayers {
-			a.trace.NumLayers = site.Layer + 1
-		}
+		a.trace.countLayer(site.Layer)
 	}
 	if hook, ok := a.method.(AttentionHook); ok {
 		return hook.KeysValues(ctx, site, keys, values)
@@ -213,4 +207,10 @@ func TrimOutputs(ctx *context.Context, hidden *graph.Node) *graph.Node {
 		return hook.Outputs(ctx, hidden)
 	}
 	return hidden
+}
+
+// countLayer makes NumLayers count the transformer block layer (a site's Layer, -1 outside the
+// blocks) while a layout is traced.
+func (l *Layout) countLayer(layer int) {
+	l.NumLayers = max(l.NumLayers, layer+1)
 }

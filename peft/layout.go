@@ -242,3 +242,20 @@ func CheckRank(layer *LinearLayer, r int) error {
 	}
 	return nil
 }
+
+// CheckVirtualTokens errs when n positions added before every sequence (prompt or prefix
+// tuning's num_virtual_tokens) leave no room in the model's maximum length, or do not fit with
+// the example the layout was traced with.
+func (l *Layout) CheckVirtualTokens(n int) error {
+	max := l.MaxLength
+	switch {
+	case max <= 0:
+		return nil
+	case n >= max:
+		return fmt.Errorf("num_virtual_tokens %d leaves no room in the model's maximum length %d", n, max)
+	case n+l.SeqLength > max:
+		return fmt.Errorf("num_virtual_tokens %d plus the example's length %d is %d, more than the model's maximum length %d",
+			n, l.SeqLength, n+l.SeqLength, max)
+	}
+	return nil
+}

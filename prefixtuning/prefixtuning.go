@@ -196,14 +196,8 @@ func (p *PrefixTuning) Init(ctx *context.Context, layout *peft.Layout) error {
 	if len(layout.Attentions) == 0 {
 		return fmt.Errorf("prefix_tuning: the model does not call peft.AttentionKeysValues in its attention layers, so there is nowhere to put the prefix")
 	}
-	if max := layout.MaxLength; max > 0 {
-		if P >= max {
-			return fmt.Errorf("prefix_tuning: num_virtual_tokens %d leaves no room in the model's maximum length %d", P, max)
-		}
-		if P+layout.SeqLength > max {
-			return fmt.Errorf("prefix_tuning: num_virtual_tokens %d plus the example's length %d is %d, more than the model's maximum length %d",
-				P, layout.SeqLength, P+layout.SeqLength, max)
-		}
+	if err := layout.CheckVirtualTokens(P); err != nil {
+		return fmt.Errorf("prefix_tuning: %w", err)
 	}
 	first := layout.Attentions[0]
 	p.layers = map[string]int{}

@@ -158,14 +158,8 @@ func (p *PromptTuning) Init(ctx *context.Context, layout *peft.Layout) error {
 	if !layout.HasInputs {
 		return fmt.Errorf("prompt_tuning: the model does not call peft.EmbedInputs after its token embedding, so there is nowhere to put virtual tokens")
 	}
-	if max := layout.MaxLength; max > 0 {
-		if k >= max {
-			return fmt.Errorf("prompt_tuning: num_virtual_tokens %d leaves no room in the model's maximum length %d", k, max)
-		}
-		if k+layout.SeqLength > max {
-			return fmt.Errorf("prompt_tuning: num_virtual_tokens %d plus the example's length %d is %d, more than the model's maximum length %d",
-				k, layout.SeqLength, k+layout.SeqLength, max)
-		}
+	if err := layout.CheckVirtualTokens(k); err != nil {
+		return fmt.Errorf("prompt_tuning: %w", err)
 	}
 	dim := layout.InputDim
 	values, err := p.initialValues(ctx, layout, dim)

@@ -149,19 +149,9 @@ func (e *batchEngine) model(name string) *peft.Model {
 	return e.served.PEFT()
 }
 
-// maxLength is what generate.Generate allows: the layout's maximum length less the virtual
-// tokens of prompt or prefix tuning.
+// maxLength is what generate.Generate allows the named model.
 func (e *batchEngine) maxLength(model string) int {
-	m := e.model(model)
-	layout := m.Layout()
-	if layout == nil || layout.MaxLength <= 0 {
-		return 0
-	}
-	limit := layout.MaxLength
-	if v, ok := m.Method().(interface{ NumVirtualTokens() int }); ok {
-		limit -= v.NumVirtualTokens()
-	}
-	return max(limit, 1)
+	return generate.MaxLength(e.model(model), generate.Config{})
 }
 
 // generate runs the rows of the slotted models as one batch, then each other model's rows as a

@@ -210,9 +210,11 @@ func cachedConfig(m *peft.Model) (llama.Config, bool) {
 	return cfg, true
 }
 
-// maxLength returns the longest id sequence to run m on: cfg.MaxLength, or else the model's
-// maximum length less the virtual tokens its method adds; 0 for no limit.
-func maxLength(m *peft.Model, cfg Config) int {
+// MaxLength returns the longest id sequence (prompt plus new ids) Generate runs m on with cfg:
+// cfg.MaxLength, or else the model's maximum length less the virtual tokens its method adds
+// (prompt or prefix tuning); 0 for no limit. Servers check requests against it before queueing
+// them.
+func MaxLength(m *peft.Model, cfg Config) int {
 	if cfg.MaxLength > 0 {
 		return cfg.MaxLength
 	}
@@ -333,7 +335,7 @@ func newRow(m *peft.Model, prompt []int, cfg Config) (*row, error) {
 			}
 		}
 	}
-	limit := maxLength(m, cfg)
+	limit := MaxLength(m, cfg)
 	total := n + cfg.MaxNewTokens
 	if limit > 0 && total > limit {
 		why := ""
